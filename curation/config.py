@@ -1,0 +1,288 @@
+"""Typed, frozen stage configs, validated at load.
+
+A stage config has two halves, kept apart on purpose:
+
+* ``scoring`` — what decides the *scores* (working size, models, detector). Changing it means
+  rescoring; its hash is stored on every row as ``score_config_hash``.
+* ``thresholds`` — what decides ``keep``/``reject_reason`` from the stored scores. Changing it only
+  needs ``--rethreshold``; its hash is stored as ``decided_config_hash``.
+
+Unknown or misspelt keys, wrong types and out-of-range values raise :class:`ConfigError` naming the
+field (``thresholds.entropy.min_entropy``), before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# The report's stage-1 chain, in its order (Qwen-Image-2.0 §2.3). The first failing filter is the
+# row's reject_reason, so this order is part of the output's meaning.
+STAGE1_CHAIN = ("broken", "resolution", "dedup", "nsfw", "rotation", "entropy", "clip", "token_length")
+# Filters that need a model; ``--skip`` may name any filter but ``broken``.
+SKIPPABLE = frozenset(STAGE1_CHAIN) - {"broken"}
+
+
+class ConfigError(ValueError):
+    """A bad config value or CLI flag; the message names the field."""
+
+
+# --------------------------------------------------------------------------- scoring settings
+@dataclass(frozen=True, kw_only=True)
+class ClipModel:
+    model: str = "ViT-L-14"
+    """open_clip architecture name (``open_clip.list_models()``)."""
+    weights: str | None = None
+    """Local checkpoint path, or an open_clip pretrained tag / hub id resolvable on the cluster."""
+    model_config: str | None = None
+    """Optional JSON file with a custom open_clip architecture (registered before loading)."""
+    batch_size: int = 64
+    """Images per forward pass."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RotationDetector:
+    detector: str = "clip"
+    """``clip`` (zero-shot over the 4 rotations with the stage's CLIP model) or ``none`` (EXIF only)."""
+    action: str = "discard"
+    """``discard``: rotated images are rejected by the rotation rule. ``correct``: the stored image is
+    rotated upright at scoring time when the detector is at least ``correct_confidence`` sure."""
+    correct_confidence: float = 0.8
+    """With action ``correct``: detector confidence needed to rotate the stored image."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scoring:
+    working_size: int = 256
+    """Short side, in pixels, the stage decodes to (JPEG draft mode) and scores at."""
+    max_pixels: int = 178_956_970
+    """Decompression-bomb guard: a header with more pixels than this is a broken file."""
+    store_image: bool = True
+    """Store the decoded, oriented RGB image (JPEG) in the ``image`` blob column."""
+    store_quality: int = 90
+    """JPEG quality of the stored image."""
+    clip: ClipModel = field(default_factory=ClipModel)
+    tokenizer: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    """Tokenizer (local path or hub id) that counts caption tokens; the condition encoder's."""
+    nsfw_model: str | None = None
+    """NudeNet ONNX model path; null uses the 320n detector shipped inside the ``nudenet`` wheel."""
+    rotation: RotationDetector = field(default_factory=RotationDetector)
+
+
+# --------------------------------------------------------------------------- thresholds
+@dataclass(frozen=True, kw_only=True)
+class ResolutionRule:
+    min_short_side: int = 256
+    """Reject images whose short side (after EXIF orientation) is below this."""
+    max_aspect_ratio: float = 4.0
+    """Reject images with long/short side above this."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DedupRule:
+    max_hamming: int = 6
+    """Near duplicates: pHash Hamming distance at most this (0..16). Exact: same content hash."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NsfwRule:
+    max_score: float = 0.5
+    """Reject when the NudeNet exposed-content score exceeds this (0..1)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RotationRule:
+    min_confidence: float = 0.9
+    """With action ``discard``: reject when the detector says rotated with at least this confidence."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EntropyRule:
+    min_entropy: float = 1.0
+    """Reject flat/blank images: grey-histogram entropy (bits, 0..8) below this."""
+    max_noise: float = 0.75
+    """Reject noise: 1 - neighbour-pixel correlation, max over R,G,B (0..1) above this."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipRule:
+    min_score: float = 0.20
+    """Reject image-caption pairs whose CLIP cosine similarity is below this (-1..1)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenLengthRule:
+    min_tokens: int = 1
+    """Reject captions shorter than this many tokens."""
+    max_tokens: int = 1024
+    """Reject captions longer than this many tokens (the report renders prompts up to 1K tokens)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Thresholds:
+    resolution: ResolutionRule = field(default_factory=ResolutionRule)
+    dedup: DedupRule = field(default_factory=DedupRule)
+    nsfw: NsfwRule = field(default_factory=NsfwRule)
+    rotation: RotationRule = field(default_factory=RotationRule)
+    entropy: EntropyRule = field(default_factory=EntropyRule)
+    clip: ClipRule = field(default_factory=ClipRule)
+    token_length: TokenLengthRule = field(default_factory=TokenLengthRule)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    stage: str = "stage1"
+    """Stage name written on every row; an output table holds one stage only."""
+    batch_size: int = 64
+    """Items per Ray Data batch (one decode + all scorers per batch)."""
+    num_workers: int | None = None
+    """Scoring actors; null = one per CPU Ray reports."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per scoring actor."""
+    gpus_per_worker: float = 0.0
+    """GPUs per scoring actor (CLIP/NSFW run on it when > 0)."""
+    scoring: Scoring = field(default_factory=Scoring)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def score_hash(self, skipped: typing.Iterable[str]) -> str:
+        return _hash({"stage": self.stage, "scoring": dataclasses.asdict(self.scoring),
+                      "skipped": sorted(skipped)})
+
+    def threshold_hash(self) -> str:
+        return _hash(dataclasses.asdict(self.thresholds))
+
+
+def _hash(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- validation
+# (field path, low, high): inclusive bounds checked after load. Kept as data next to the dataclasses
+# so the error names the field and the allowed range.
+_RANGES: tuple[tuple[str, float, float], ...] = (
+    ("batch_size", 1, 65536),
+    ("cpus_per_worker", 0.0, 1024),
+    ("gpus_per_worker", 0.0, 64),
+    ("scoring.working_size", 16, 16384),
+    ("scoring.max_pixels", 1, 10**12),
+    ("scoring.store_quality", 1, 100),
+    ("scoring.clip.batch_size", 1, 4096),
+    ("scoring.rotation.correct_confidence", 0.0, 1.0),
+    ("thresholds.resolution.min_short_side", 0, 1_000_000),
+    ("thresholds.resolution.max_aspect_ratio", 1.0, 1000.0),
+    ("thresholds.dedup.max_hamming", 0, 16),
+    ("thresholds.nsfw.max_score", 0.0, 1.0),
+    ("thresholds.rotation.min_confidence", 0.0, 1.0),
+    ("thresholds.entropy.min_entropy", 0.0, 8.0),
+    ("thresholds.entropy.max_noise", 0.0, 1.0),
+    ("thresholds.clip.min_score", -1.0, 1.0),
+    ("thresholds.token_length.min_tokens", 0, 1_000_000),
+    ("thresholds.token_length.max_tokens", 0, 1_000_000),
+)
+_CHOICES = {
+    "scoring.rotation.detector": ("clip", "none"),
+    "scoring.rotation.action": ("discard", "correct"),
+}
+
+
+def _build(cls: type, data: object, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: object, value: object, path: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _get(cfg: object, path: str):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: StageConfig) -> StageConfig:
+    for path, lo, hi in _RANGES:
+        v = _get(cfg, path)
+        if v is not None and not lo <= v <= hi:
+            raise ConfigError(f"{path} = {v} is out of range [{lo}, {hi}]")
+    for path, allowed in _CHOICES.items():
+        if _get(cfg, path) not in allowed:
+            raise ConfigError(f"{path} = {_get(cfg, path)!r}: expected one of {', '.join(allowed)}")
+    tl = cfg.thresholds.token_length
+    if tl.min_tokens > tl.max_tokens:
+        raise ConfigError("thresholds.token_length.min_tokens must be <= max_tokens")
+    if cfg.num_workers is not None and cfg.num_workers < 1:
+        raise ConfigError(f"num_workers = {cfg.num_workers} must be >= 1 or null")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> StageConfig:
+    """Load a YAML stage config (defaults when ``path`` is None), apply dotted overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return validate(_build(StageConfig, data, ""))
+
+
+def parse_skip(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    names = tuple(sorted({s.strip() for s in text.split(",") if s.strip()}))
+    for n in names:
+        if n not in SKIPPABLE:
+            raise ConfigError(f"--skip: unknown filter '{n}' (one of: {', '.join(sorted(SKIPPABLE))})")
+    return names

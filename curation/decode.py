@@ -1,0 +1,123 @@
+"""Decode an image once, at the stage's working size, into RGB — or say exactly why not.
+
+Every scorer of a stage runs on the image this returns. JPEGs are decoded at reduced scale with
+Pillow's ``draft`` (libjpeg DCT scaling still reads the whole entropy-coded stream, so a truncated
+file still fails), which is where most of stage 1's speed comes from: a 1024 px JPEG drafted to
+256 px decodes several times faster than a full decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# We enforce our own pixel limit before decoding (with a message naming the setting); Pillow's
+# global guard would otherwise fire first with a different message, or only warn.
+Image.MAX_IMAGE_PIXELS = None
+
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+# EXIF orientation -> the transpose that makes the pixels upright (as ImageOps.exif_transpose).
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
+
+
+@dataclass
+class Decoded:
+    image: Image.Image | None  # RGB at working size, upright; None when broken
+    width: int | None  # full-size width after orientation
+    height: int | None
+    format: str | None
+    orientation: int | None
+    error: str | None
+    content_hash: str | None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Normalise every Pillow mode to 8-bit RGB; high-bit-depth data is scaled, never clipped."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        # 16-bit containers hold 0..65535; 32-bit int / float data gets scaled by its own range.
+        hi = 65535.0 if mode.startswith("I;16") or (a.min() >= 0 and a.max() <= 65535 and a.max() > 255) else None
+        if hi is None:
+            lo, top = float(a.min()), float(a.max())
+            a = (a - lo) / (top - lo) * 255.0 if top > lo else np.zeros_like(a)
+        else:
+            a = a / hi * 255.0
+        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels become white, as a viewer on a white page would show them.
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX, I;16 handled above
+
+
+def decode(data: bytes, working_size: int, max_pixels: int) -> Decoded:
+    """Decode ``data`` to an upright RGB image whose short side is about ``working_size`` (never
+    below it unless the source is smaller). Any failure becomes ``Decoded.error``; never raises."""
+    content_hash = hashlib.sha256(data).hexdigest()
+    if not data:
+        return Decoded(None, None, None, None, None, "empty file (0 bytes)", content_hash)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns on odd EXIF; the result is what counts
+            im = Image.open(io.BytesIO(data))
+            fmt = im.format
+            if fmt == "PNG":
+                # Pillow's PNG decoder does not check chunk CRCs while decoding, so a smashed IDAT
+                # can decode to garbage silently; verify() checks every CRC without decoding.
+                im.verify()
+                im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > max_pixels:
+                return Decoded(None, None, None, fmt, None,
+                               f"decompression bomb: {w}x{h} = {w * h} pixels > scoring.max_pixels "
+                               f"({max_pixels})", content_hash)
+            try:
+                orientation = int(im.getexif().get(0x0112, 1) or 1)
+            except Exception:  # malformed EXIF block: treat as upright, the pixels may be fine
+                orientation = 1
+            if orientation not in range(1, 9):
+                orientation = 1
+            if getattr(im, "is_animated", False):
+                im.seek(0)  # first frame stands for an animation
+            if fmt == "JPEG":
+                # draft keeps both sides >= the request, so the short side stays >= working_size.
+                scale = working_size / min(w, h)
+                if scale < 1:
+                    im.draft("RGB" if im.mode != "CMYK" else im.mode,
+                             (max(1, int(w * scale)), max(1, int(h * scale))))
+            im.load()
+            im = _to_rgb(im)
+            if orientation != 1:
+                im = im.transpose(_EXIF_TRANSPOSE[orientation])
+            # Non-JPEG formats decode at full size; integer reduce keeps short side >= working_size.
+            factor = min(im.size) // working_size
+            if factor >= 2:
+                im = im.reduce(factor)
+        if orientation in _TRANSPOSED_ORIENTATIONS:
+            w, h = h, w
+        return Decoded(im, w, h, fmt, orientation, None, content_hash)
+    except Exception as e:  # noqa: BLE001 - every decoder failure is a row with a reason
+        msg = f"{type(e).__name__}: {e}".strip()
+        return Decoded(None, None, None, None, None, msg[:500], content_hash)
+
+
+def encode_jpeg(im: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

@@ -1,0 +1,273 @@
+"""Input readers: an image folder, WebDataset ``.tar`` shards, Parquet files or a Lance table.
+
+Every item becomes one row ``(id, uri, caption, path, caption_path, data)`` where ``id`` is
+``sha1(source + key)`` — stable across runs, so a rerun can skip what is already committed — and
+``uri`` says where the item came from. Folders are listed in the driver (a listing is small); tar
+shards, Parquet files and Lance fragments are *units* that Ray tasks expand into rows, so the driver
+never holds image bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .config import ConfigError
+from .scorers import read_json_caption
+
+IMAGE_EXTS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".pjpeg", ".pjp", ".png", ".gif", ".bmp", ".dib", ".webp",
+    ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".jp2", ".j2k", ".avif",
+})
+IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes", "bytes", "img")
+PATH_COLUMNS = ("path", "image_path", "file", "filepath", "file_path")
+CAPTION_COLUMNS = ("caption", "text", "txt", "prompt", "alt")
+KEY_COLUMNS = ("key", "id", "__key__")
+
+ITEM_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("uri", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("path", pa.string()),  # read by the scoring worker when `data` is null
+    pa.field("caption_path", pa.string()),  # a sidecar .txt/.json next to a folder image
+    pa.field("data", pa.large_binary()),
+    pa.field("error", pa.string()),  # an item that could not even be read (corrupt tar member)
+])
+
+
+def make_id(source: str, key: str) -> str:
+    return hashlib.sha1(f"{source}\n{key}".encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Columns:
+    image: str | None = None
+    path: str | None = None
+    caption: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # folder | tar | parquet | lance
+    root: str
+    units: tuple[str, ...]  # tar shards / parquet files / lance fragment ids ("" for folders)
+    columns: Columns = Columns()
+
+
+def resolve_input(spec: str, columns: Columns = Columns()) -> Source:
+    """Work out what ``--input`` is; raise a one-line ConfigError for a missing or empty input."""
+    if not spec:
+        raise ConfigError("--input is required")
+    p = Path(spec).expanduser()
+    if spec.rstrip("/").endswith(".lance"):
+        import lance
+
+        if not p.exists() and "://" not in spec:
+            raise ConfigError(f"--input: no such Lance table: {spec}")
+        try:
+            ds = lance.dataset(spec)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"--input: cannot open Lance table {spec}: {e}") from None
+        if ds.count_rows() == 0:
+            raise ConfigError(f"--input: Lance table {spec} is empty")
+        cols = _pick_columns(ds.schema, columns, "--input")
+        return Source("lance", spec, tuple(str(f.fragment_id) for f in ds.get_fragments()), cols)
+    if not p.exists():
+        raise ConfigError(f"--input: no such file or directory: {spec}")
+    if p.is_file():
+        files = [p]
+    else:
+        files = [Path(r) / f for r, _, fs in os.walk(p) for f in fs]
+    tars = sorted(str(f) for f in files if f.suffix.lower() == ".tar")
+    parquets = sorted(str(f) for f in files if f.suffix.lower() == ".parquet")
+    images = [f for f in files if f.suffix.lower() in IMAGE_EXTS]
+    if p.is_file() and not (tars or parquets):
+        raise ConfigError(f"--input: {spec} is not a folder, a .tar shard, a .parquet file or a .lance table")
+    if parquets and not images and not tars:
+        import pyarrow.parquet as pq
+
+        cols = _pick_columns(pq.read_schema(parquets[0]), columns, "--input")
+        return Source("parquet", str(p.resolve()), tuple(parquets), cols)
+    if tars and not images:
+        return Source("tar", str(p.resolve()), tuple(tars))
+    if images:
+        return Source("folder", str(p.resolve()), ())
+    raise ConfigError(f"--input: no images, .tar shards or .parquet files found under {spec}")
+
+
+def _pick_columns(schema: pa.Schema, given: Columns, flag: str) -> Columns:
+    names = set(schema.names)
+
+    def pick(explicit: str | None, candidates: tuple[str, ...], what: str, opt: str) -> str | None:
+        if explicit:
+            if explicit not in names:
+                raise ConfigError(f"{opt}: column '{explicit}' not in the input ({', '.join(schema.names)})")
+            return explicit
+        return next((c for c in candidates if c in names), None)
+
+    image = pick(given.image, IMAGE_COLUMNS, "image", "--image-column")
+    path = None if image else pick(given.path, PATH_COLUMNS, "path", "--path-column")
+    if image is None and path is None:
+        raise ConfigError(f"{flag}: no image-bytes or path column found (columns: {', '.join(schema.names)}); "
+                          "set --image-column or --path-column")
+    return Columns(image=image, path=path,
+                   caption=pick(given.caption, CAPTION_COLUMNS, "caption", "--caption-column"),
+                   key=pick(given.key, KEY_COLUMNS, "key", "--key-column"))
+
+
+# --------------------------------------------------------------------------- folder
+def list_folder(root: str) -> pa.Table:
+    """Every image file under ``root`` (recursive, case-insensitive extension) with its sidecar
+    caption file if one sits beside it (``a.jpg`` + ``a.txt`` or ``a.json``, img2dataset style)."""
+    ids, uris, paths, cap_paths = [], [], [], []
+    for dirpath, _, files in os.walk(root):
+        present = set(files)
+        for name in files:
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTS:
+                continue
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            side = next((stem + s for s in (".txt", ".json") if stem + s in present), None)
+            ids.append(make_id(root, rel))
+            uris.append(full)
+            paths.append(full)
+            cap_paths.append(os.path.join(dirpath, side) if side else None)
+    n = len(ids)
+    none = pa.nulls(n, pa.string())
+    return pa.Table.from_arrays(
+        [pa.array(ids, pa.string()), pa.array(uris, pa.string()), none, pa.array(paths, pa.string()),
+         pa.array(cap_paths, pa.string()), pa.nulls(n, pa.large_binary()), none],
+        schema=ITEM_SCHEMA).sort_by("id")
+
+
+# --------------------------------------------------------------------------- units -> rows
+def _rows(buf: dict[str, list]) -> pa.Table:
+    return pa.Table.from_pydict(buf, schema=ITEM_SCHEMA)
+
+
+def _empty_buf() -> dict[str, list]:
+    return {f.name: [] for f in ITEM_SCHEMA}
+
+
+def _add(buf, id_, uri, caption=None, path=None, data=None, error=None):
+    for k, v in (("id", id_), ("uri", uri), ("caption", caption), ("path", path), ("caption_path", None),
+                 ("data", data), ("error", error)):
+        buf[k].append(v)
+
+
+def _decode_text(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    return raw.decode("utf-8", errors="replace").strip()
+
+
+def expand_tar(shard: str, batch_rows: int = 256) -> Iterator[pa.Table]:
+    """WebDataset shard -> rows. Files are grouped by key (path up to the first dot of the base
+    name); the image member is the one with an image extension, the caption the ``.txt`` (or the
+    ``.json``'s caption). A shard that breaks mid-way yields the rows read so far plus one row
+    naming the error, so nothing vanishes silently."""
+    groups: dict[str, dict[str, bytes]] = {}
+    error = None
+    try:
+        with tarfile.open(shard, "r:*") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                d, base = os.path.split(m.name)
+                if base.startswith("."):
+                    continue
+                key, _, ext = base.partition(".")
+                f = tf.extractfile(m)
+                groups.setdefault(os.path.join(d, key), {})["." + ext.lower()] = f.read() if f else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+        error = f"tar shard unreadable after {len(groups)} samples: {type(e).__name__}: {e}"
+    buf = _empty_buf()
+    for key, members in groups.items():
+        img_ext = next((e for e in members if e in IMAGE_EXTS), None)
+        caption = _decode_text(members.get(".txt"))
+        if caption is None and ".json" in members:
+            caption = read_json_caption(members[".json"])
+        uri = f"{shard}#{key}"
+        if img_ext is None:
+            _add(buf, make_id(shard, key), uri, caption, error="sample has no image member")
+        else:
+            _add(buf, make_id(shard, key), uri, caption, data=members[img_ext])
+        if len(buf["id"]) >= batch_rows:
+            yield _rows(buf)
+            buf = _empty_buf()
+    if error:
+        _add(buf, make_id(shard, "__shard_error__"), shard, error=error)
+    if buf["id"]:
+        yield _rows(buf)
+
+
+def _table_batches(batches: Iterator[pa.RecordBatch], source: str, uri_prefix: str, cols: Columns,
+                   base_dir: str | None) -> Iterator[pa.Table]:
+    offset = 0
+    for rb in batches:
+        n = rb.num_rows
+        keys = (rb.column(cols.key).cast(pa.string()).to_pylist() if cols.key
+                else [str(offset + i) for i in range(n)])
+        caps = rb.column(cols.caption).cast(pa.string()).to_pylist() if cols.caption else [None] * n
+        buf = _empty_buf()
+        if cols.image:
+            col = rb.column(cols.image)
+            if pa.types.is_struct(col.type):  # Hugging Face datasets' Image(): {bytes, path}
+                col = pc.struct_field(col, "bytes")
+            datas = col.cast(pa.large_binary()).to_pylist()
+            paths = [None] * n
+        else:
+            datas = [None] * n
+            paths = [p if p is None or os.path.isabs(p) or base_dir is None else os.path.join(base_dir, p)
+                     for p in rb.column(cols.path).cast(pa.string()).to_pylist()]
+        for i in range(n):
+            key = keys[i] if keys[i] is not None else str(offset + i)
+            _add(buf, make_id(source, key), f"{uri_prefix}#{key}", caps[i], path=paths[i], data=datas[i],
+                 error=None if (datas[i] is not None or paths[i] is not None) else "no image bytes or path")
+        offset += n
+        yield _rows(buf)
+
+
+def expand_parquet(path: str, cols: Columns, batch_rows: int = 256) -> Iterator[pa.Table]:
+    import pyarrow.parquet as pq
+
+    want = [c for c in (cols.image, cols.path, cols.caption, cols.key) if c]
+    pf = pq.ParquetFile(path)
+    yield from _table_batches(pf.iter_batches(batch_size=batch_rows, columns=want), path, path, cols,
+                              os.path.dirname(path))
+
+
+def expand_lance(uri: str, fragment_id: str, cols: Columns, batch_rows: int = 256) -> Iterator[pa.Table]:
+    import lance
+
+    frag = lance.dataset(uri).get_fragment(int(fragment_id))
+    want = [c for c in (cols.image, cols.path, cols.caption, cols.key) if c]
+    # Without a key column, (fragment, offset) is stable for an unchanged table version.
+    src = uri if cols.key else f"{uri}/fragment={fragment_id}"
+    yield from _table_batches(frag.to_batches(columns=want, batch_size=batch_rows), src, src, cols, None)
+
+
+def expand_unit(source: Source, unit: str, batch_rows: int = 256) -> Iterator[pa.Table]:
+    if source.kind == "tar":
+        return expand_tar(unit, batch_rows)
+    if source.kind == "parquet":
+        return expand_parquet(unit, source.columns, batch_rows)
+    if source.kind == "lance":
+        return expand_lance(source.root, unit, source.columns, batch_rows)
+    raise ValueError(source.kind)
+
+
+def drop_done(rows: pa.Table, done: pa.Array | None) -> pa.Table:
+    """Rows whose id is not yet committed to the output (resume)."""
+    if done is None or len(done) == 0 or rows.num_rows == 0:
+        return rows
+    return rows.filter(pc.invert(pc.is_in(rows["id"], value_set=done)))

@@ -1,0 +1,90 @@
+"""HTML report of a curation run: rows per reject reason, and a histogram per score with the
+stage's thresholds drawn on it (so a threshold can be judged by eye before ``--rethreshold``)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+
+import lance
+import numpy as np
+
+from .config import StageConfig
+from .schema import SCORE_FIELDS
+
+# score column -> (threshold attribute path, label) drawn as vertical lines
+_LINES = {
+    "short_side": [("resolution.min_short_side", "min")],
+    "aspect_ratio": [("resolution.max_aspect_ratio", "max")],
+    "nsfw_score": [("nsfw.max_score", "max")],
+    "rotation_score": [("rotation.min_confidence", "min conf.")],
+    "entropy": [("entropy.min_entropy", "min")],
+    "noise": [("entropy.max_noise", "max")],
+    "clip_score": [("clip.min_score", "min")],
+    "token_count": [("token_length.min_tokens", "min"), ("token_length.max_tokens", "max")],
+}
+
+
+def _get(obj, dotted: str):
+    for p in dotted.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def _hist_png(name: str, values: np.ndarray, kept: np.ndarray, cfg: StageConfig) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 2.8), dpi=90)
+    bins = np.histogram_bin_edges(values, bins=40)
+    ax.hist(values[kept], bins=bins, color="#3b82f6", alpha=0.8, label="kept")
+    ax.hist(values[~kept], bins=bins, color="#ef4444", alpha=0.6, label="rejected")
+    for path, label in _LINES.get(name, []):
+        x = float(_get(cfg.thresholds, path))
+        ax.axvline(x, color="black", ls="--", lw=1.2)
+        ax.text(x, ax.get_ylim()[1] * 0.92, f" {label} {x:g}", fontsize=8)
+    ax.set_title(f"{name}  (n={len(values)})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_report(uri: str, cfg: StageConfig, summary, storage_options: dict | None = None,
+                 path: str | None = None) -> str:
+    ds = lance.dataset(uri, storage_options=storage_options)
+    cols = [c for c in SCORE_FIELDS if c != "phash"]
+    t = ds.to_table(columns=cols + ["keep"])
+    keep_all = t.column("keep").fill_null(False).to_numpy(zero_copy_only=False)
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td><td>{100.0 * v / max(1, summary.rows):.1f}%</td></tr>"
+                   for k, v in sorted(summary.reasons.items(), key=lambda kv: -kv[1]))
+    figs = []
+    for c in cols:
+        col = t.column(c)
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        if not valid.any():
+            figs.append(f"<div class='fig'><h4>{c}</h4><p>not computed (skipped or no input)</p></div>")
+            continue
+        vals = col.to_numpy(zero_copy_only=False)[valid].astype(np.float64)
+        png = _hist_png(c, vals, keep_all[valid], cfg)
+        figs.append(f"<div class='fig'><img src='data:image/png;base64,{png}' alt='{c}'></div>")
+    rate = summary.scored_now / summary.scoring_seconds if summary.scoring_seconds else 0.0
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{cfg.stage} report</title>
+<style>body{{font-family:system-ui,sans-serif;margin:24px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} .fig{{display:inline-block;margin:6px}}</style>
+</head><body><h2>{html.escape(cfg.stage)} — {html.escape(uri)} (version {summary.version})</h2>
+<p>{summary.rows} rows; scored {summary.scored_now} this run at {rate:.1f} img/s;
+threshold hash {cfg.threshold_hash()}.</p>
+<table><tr><th>reason</th><th>rows</th><th>share</th></tr>{rows}</table>
+<h3>Scores (blue kept, red rejected; dashed lines: thresholds)</h3>{''.join(figs)}</body></html>"""
+    out = path or (uri.rstrip("/") + ".report.html" if "://" not in uri else f"{cfg.stage}.report.html")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(page)
+    return out

@@ -1,0 +1,70 @@
+"""The curated-table schema: one Lance row per input item, for every curation stage.
+
+This is the contract that captioning, the flywheel and the trainer read. A row is written once per
+input during scoring (``keep``/``reject_reason``/``dup_of`` null), then the decision pass fills the
+decision columns from the stored scores. Scores are kept apart from decisions so thresholds can be
+changed (``--rethreshold``) without decoding or running models again.
+
+Downstream jobs select ``keep == true`` and read ``image`` (JPEG bytes of the decoded, orientation
+corrected RGB image at the stage's working resolution) or go back to ``uri`` for full resolution.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Image bytes live in a Lance blob column so scans of the score columns never touch them.
+BLOB_META = {b"lance-encoding:blob": b"true"}
+
+# name -> (arrow type, doc). Score columns are all nullable: null means "not computed" (filter
+# skipped, item broken, or no caption for a caption filter), never "passed".
+SCORE_FIELDS: dict[str, tuple[pa.DataType, str]] = {
+    "short_side": (pa.int32(), "min(width, height) after EXIF orientation"),
+    "aspect_ratio": (pa.float32(), "max(w, h) / min(w, h)"),
+    "phash": (pa.uint64(), "64-bit imagehash pHash of the decoded image"),
+    "nsfw_score": (pa.float32(), "max probability over NudeNet's exposed-content classes"),
+    "rotation_score": (pa.float32(), "probability the pixels are visually rotated (detector)"),
+    "rotation_pred": (pa.int16(), "counter-clockwise turn (0/90/180/270) that makes it upright"),
+    "entropy": (pa.float32(), "Shannon entropy (bits) of the grey histogram"),
+    "noise": (pa.float32(), "high-frequency energy, max over R,G,B channels (0..1)"),
+    "clip_score": (pa.float32(), "cosine similarity of open_clip image and caption embeddings"),
+    "token_count": (pa.int32(), "caption length in tokens of the configured tokenizer"),
+}
+
+DECISION_FIELDS: dict[str, tuple[pa.DataType, str]] = {
+    "keep": (pa.bool_(), "the decision of the stage; null until the decision pass ran"),
+    "reject_reason": (pa.string(), "first failing filter in chain order, null when kept"),
+    "dup_of": (pa.string(), "id of the cluster survivor for exact/near duplicates"),
+    "decided_config_hash": (pa.string(), "hash of the thresholds that made the decision"),
+}
+
+BASE_FIELDS: dict[str, tuple[pa.DataType, str]] = {
+    "id": (pa.string(), "stable id: sha1(source + key)[:20]"),
+    "uri": (pa.string(), "where the item came from (path, tar#member, table#row)"),
+    "caption": (pa.string(), "the item's original text (alt text / .txt / caption column)"),
+    "content_hash": (pa.string(), "sha256 of the raw file bytes (exact dedup)"),
+    "width": (pa.int32(), "width after EXIF orientation"),
+    "height": (pa.int32(), "height after EXIF orientation"),
+    "format": (pa.string(), "format detected from the content (JPEG, PNG, ...)"),
+    "exif_orientation": (pa.int8(), "EXIF orientation tag (1..8) that was applied"),
+    "error": (pa.string(), "why the item is broken; null for a decodable image"),
+    "stage": (pa.string(), "the curation stage name, e.g. stage1"),
+    "score_config_hash": (pa.string(), "hash of the scorer settings (models, skips)"),
+    "skipped": (pa.list_(pa.string()), "filters skipped with --skip for this row"),
+    "scored_at": (pa.timestamp("us", tz="UTC"), "when the row was scored"),
+}
+
+IMAGE_FIELD = pa.field("image", pa.large_binary(), nullable=True, metadata=BLOB_META)
+
+
+def _fields(spec: dict[str, tuple[pa.DataType, str]]) -> list[pa.Field]:
+    return [pa.field(n, t, nullable=(n != "id"), metadata={b"doc": d.encode()}) for n, (t, d) in spec.items()]
+
+
+# What scoring workers write (decision columns do not exist yet), and the full table after the
+# decision pass added them with Lance's add-column path (no rewrite of the image data).
+SCORING_SCHEMA = pa.schema(_fields(BASE_FIELDS) + _fields(SCORE_FIELDS) + [IMAGE_FIELD])
+DECISION_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False)] + _fields(DECISION_FIELDS))
+SCHEMA = pa.schema(list(SCORING_SCHEMA) + list(DECISION_SCHEMA)[1:])
+COLUMNS_WITHOUT_IMAGE = [f.name for f in SCHEMA if f.name != "image"]
+SCORE_COLUMNS = list(SCORE_FIELDS)

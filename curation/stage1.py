@@ -1,0 +1,161 @@
+"""The stage-1 scoring worker: decode once, run every scorer of the chain on that decoded image in
+the same Ray Data batch, write the scored rows as a Lance fragment, and hand the driver only the
+fragment's metadata to commit (workers write, the driver commits — NeMo Curator's Lance writer).
+
+Nothing here decides keep/reject: see :mod:`curation.decide`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+
+import pyarrow as pa
+
+from .config import StageConfig
+from .decode import decode, encode_jpeg
+from .schema import SCORING_SCHEMA
+from .scorers import (
+    ClipRotationDetector,
+    ClipScorer,
+    NsfwScorer,
+    TokenCounter,
+    entropy_and_noise,
+    phash64,
+)
+
+
+def build_model_scorers(cfg: StageConfig, skipped: tuple[str, ...], device: str = "cpu") -> dict:
+    """The model-backed scorers this run needs, constructed (cheap) but not loaded."""
+    s = cfg.scoring
+    out: dict = {}
+    if "nsfw" not in skipped:
+        out["nsfw"] = NsfwScorer(s.nsfw_model)
+    if "clip" not in skipped:
+        out["clip"] = ClipScorer(s.clip, device)
+    if "token_length" not in skipped:
+        out["tokens"] = TokenCounter(s.tokenizer)
+    return out
+
+
+def preflight(cfg: StageConfig, skipped: tuple[str, ...]) -> None:
+    """Load every configured model once in the driver: a missing or broken model stops the job
+    here, with a message naming the setting, before any data is touched."""
+    for scorer in build_model_scorers(cfg, skipped).values():
+        scorer.preflight()
+
+
+def _read(path: str | None) -> tuple[bytes | None, str | None]:
+    try:
+        with open(path, "rb") as f:
+            return f.read(), None
+    except OSError as e:
+        return None, f"unreadable file: {type(e).__name__}: {e.strerror or e}"
+
+
+def _read_caption(path: str) -> str | None:
+    from .scorers import read_json_caption
+
+    raw, err = _read(path)
+    if raw is None:
+        return None
+    if path.lower().endswith(".json"):
+        return read_json_caption(raw)
+    return raw.decode("utf-8", errors="replace").strip()
+
+
+class Stage1Scorer:
+    """Ray Data callable class: one per actor; models load in ``__init__`` (once per actor)."""
+
+    def __init__(self, cfg: StageConfig, skipped: tuple[str, ...], output_uri: str | None,
+                 score_hash: str, storage_options: dict | None = None):
+        import torch
+
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        self.cfg, self.skipped, self.uri, self.score_hash = cfg, skipped, output_uri, score_hash
+        self.storage_options = storage_options
+        device = "cuda" if cfg.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        self.models = build_model_scorers(cfg, skipped, device)
+        for m in self.models.values():
+            m.setup()
+        rot = cfg.scoring.rotation
+        use_rot = "rotation" not in skipped and rot.detector == "clip" and "clip" in self.models
+        self.rotation = ClipRotationDetector(self.models["clip"], rot) if use_rot else None
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, batch: pa.Table) -> pa.Table:
+        s, sk = self.cfg.scoring, self.skipped
+        n = batch.num_rows
+        col = {name: batch.column(name).to_pylist() for name in batch.column_names}
+        out: dict[str, list] = {f.name: [None] * n for f in SCORING_SCHEMA}
+        out["id"], out["uri"] = col["id"], col["uri"]
+        now = dt.datetime.now(dt.UTC)
+        images, idx = [], []
+        for i in range(n):
+            caption = col["caption"][i]
+            if caption is None and col["caption_path"][i]:
+                caption = _read_caption(col["caption_path"][i])
+            out["caption"][i] = caption
+            out["stage"][i], out["score_config_hash"][i] = self.cfg.stage, self.score_hash
+            out["skipped"][i], out["scored_at"][i] = list(sk), now
+            if col["error"][i]:
+                out["error"][i] = col["error"][i]
+                continue
+            data, err = (col["data"][i], None) if col["data"][i] is not None else _read(col["path"][i])
+            if data is None:
+                out["error"][i] = err
+                continue
+            d = decode(data, s.working_size, s.max_pixels)
+            out["content_hash"][i], out["error"][i] = d.content_hash, d.error
+            if d.error:
+                continue
+            out["width"][i], out["height"][i] = d.width, d.height
+            out["format"][i], out["exif_orientation"][i] = d.format, d.orientation
+            images.append(d.image)
+            idx.append(i)
+        captions = [out["caption"][i] for i in idx]
+
+        if self.rotation is not None and images:
+            preds, probs = self.rotation(images, captions)
+            for k, i in enumerate(idx):
+                out["rotation_pred"][i], out["rotation_score"][i] = preds[k], probs[k]
+                if s.rotation.action == "correct" and preds[k] and probs[k] >= s.rotation.correct_confidence:
+                    images[k] = images[k].rotate(preds[k], expand=True)
+                    if preds[k] in (90, 270):
+                        out["width"][i], out["height"][i] = out["height"][i], out["width"][i]
+        for k, i in enumerate(idx):
+            w, h = out["width"][i], out["height"][i]
+            if "resolution" not in sk:
+                out["short_side"][i], out["aspect_ratio"][i] = min(w, h), max(w, h) / max(1, min(w, h))
+            if "dedup" not in sk:
+                out["phash"][i] = phash64(images[k])
+            if "entropy" not in sk:
+                out["entropy"][i], out["noise"][i] = entropy_and_noise(images[k])
+            if s.store_image:
+                out["image"][i] = encode_jpeg(images[k], s.store_quality)
+        if "nsfw" in self.models and images:
+            for k, v in enumerate(self.models["nsfw"](images)):
+                out["nsfw_score"][idx[k]] = v
+        if "clip" in self.models and images:
+            for k, v in enumerate(self.models["clip"].similarity(images, captions)):
+                out["clip_score"][idx[k]] = v
+        if "tokens" in self.models:
+            # Token length needs only the caption, so broken images get a count too.
+            for i, v in enumerate(self.models["tokens"](out["caption"])):
+                out["token_count"][i] = v
+        return pa.Table.from_pydict(out, schema=SCORING_SCHEMA)
+
+    # ------------------------------------------------------------------ Ray Data entry point
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import lance.fragment
+
+        rows = self.score(batch)
+        frags = lance.fragment.write_fragments(rows, self.uri, schema=SCORING_SCHEMA,
+                                               storage_options=self.storage_options)
+        # Only metadata travels back; the driver commits these fragments every --commit-every rows.
+        return pa.table({
+            "fragment": pa.array([json.dumps(f.to_json()) for f in frags], pa.string()),
+            "rows": pa.array([f.num_rows for f in frags], pa.int64()),
+            "pid": pa.array([os.getpid()] * len(frags), pa.int64()),
+        })
