@@ -1,0 +1,147 @@
+"""Typed, frozen configuration of a captioning run, validated at load (YAML + CLI overrides).
+
+Every error names the field that is wrong, before any work starts: a misspelt key, a wrong type or
+an out-of-range value fails at once instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field (or CLI flag)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptionConfig:
+    input: str
+    """URI of the curated Lance table (written by jobs/filter_stage1.py); only `keep == true` rows
+    are captioned."""
+    output: str
+    """URI of the captions Lance table; created on the first run, updated in place (merge on `id`)
+    by later runs."""
+    model: str
+    """With `server`: the served model name. Without: a local model directory or model id that the
+    in-cluster vLLM engines load."""
+    server: str | None = None
+    """Base URL of an OpenAI-compatible vLLM server, e.g. http://host:8000/v1. None runs the VLM
+    inside the Ray Data job (ray.data.llm)."""
+    prompt_version: str = "v1"
+    """Name of the prompt set: prompts/<version>/*.txt and schemas/<version>/*.json under
+    `prompt_root`. Stored on every row; a rerun with another version captions everything again."""
+    prompt_root: str = str(PACKAGE_DIR)
+    """Directory that holds prompts/ and schemas/."""
+    max_tokens: int = 4096
+    """Generation bound for a caption request; a response cut at this bound is a failed attempt."""
+    route_max_tokens: int = 64
+    """Generation bound for the routing request (three booleans fit in ~30 tokens)."""
+    temperature: float = 0.2
+    """Sampling temperature. Retries use a new seed, so a retried request can produce another
+    answer even at low temperature."""
+    seed: int = 0
+    """Base sampling seed; each row and attempt derives its own seed from it (client.request_seed)."""
+    max_attempts: int = 3
+    """Bound on attempts per request, counting every HTTP attempt (429/5xx/connection errors,
+    truncated or schema-invalid answers)."""
+    backoff_s: float = 0.5
+    """First retry delay; doubles per attempt (429 and 5xx only; an invalid answer is retried at
+    once)."""
+    request_timeout_s: float = 600.0
+    """Per-request HTTP timeout (server mode)."""
+    concurrency: int = 32
+    """Requests in flight per captioning actor (server mode); set it to about the server's
+    --max-num-seqs times the number of servers behind the URL."""
+    num_actors: int = 1
+    """Captioning actors (server mode). One asyncio actor saturates a few servers; add actors when
+    many servers sit behind a load balancer."""
+    batch_size: int = 16
+    """Rows per Ray Data batch handed to a captioning actor."""
+    commit_every: int = 256
+    """Rows per Lance commit: a killed run loses at most the rows not yet committed."""
+    num_gpus: int = 1
+    """In-cluster mode: vLLM engine replicas (one per GPU worker at tensor_parallel_size 1)."""
+    tensor_parallel_size: int = 1
+    """In-cluster mode: GPUs per engine replica."""
+    engine_batch_size: int = 16
+    """In-cluster mode: rows per batch sent to a vLLM engine."""
+    max_model_len: int = 16384
+    """In-cluster mode: engine context length (image tokens + prompt + max_tokens)."""
+    report: str | None = None
+    """Where to write the HTML quality report; None writes none."""
+    ray_num_cpus: int | None = None
+    """CPUs for a local Ray started by the job (ignored when joining a cluster)."""
+    progress: bool = True
+    """Show Ray Data progress bars."""
+    extra_request: dict[str, Any] = field(default_factory=dict)
+    """Extra fields merged into every server request body (e.g. {"top_p": 0.9})."""
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output", "model", "prompt_version"):
+            if not getattr(self, name):
+                raise ConfigError(f"config field '{name}' must be a non-empty string")
+        if self.server is not None and not self.server.startswith(("http://", "https://")):
+            raise ConfigError(f"config field 'server' must be an http(s) URL, got {self.server!r}")
+        positive = ("max_tokens", "route_max_tokens", "max_attempts", "concurrency", "num_actors",
+                    "batch_size", "commit_every", "num_gpus", "tensor_parallel_size",
+                    "engine_batch_size", "max_model_len")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ConfigError(f"config field 'temperature' must be in [0, 2], got {self.temperature}")
+        if self.backoff_s < 0 or self.request_timeout_s <= 0:
+            raise ConfigError("config fields 'backoff_s' >= 0 and 'request_timeout_s' > 0 required")
+        for key in ("model", "messages", "response_format", "max_tokens", "seed"):
+            if key in self.extra_request:
+                raise ConfigError(f"config field 'extra_request' must not set '{key}' (the job sets it)")
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    base = origin or hint
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, bool) or not isinstance(value, base):
+        raise ConfigError(f"config field '{name}' must be {getattr(base, '__name__', base)}, "
+                          f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> CaptionConfig:
+    """Build a config from an optional YAML file plus overrides (CLI values; None = not given)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: top level must be a mapping of config fields")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    hints = typing.get_type_hints(CaptionConfig)
+    known = {f.name for f in dataclasses.fields(CaptionConfig)}
+    for name in data:
+        if name not in known:
+            raise ConfigError(f"unknown config field '{name}' (known: {', '.join(sorted(known))})")
+    for name in ("input", "output", "model"):
+        if name not in data:
+            raise ConfigError(f"config field '{name}' is required (--{name})")
+    checked = {name: _check_type(name, value, hints[name]) for name, value in data.items()}
+    return CaptionConfig(**checked)
