@@ -51,12 +51,8 @@ class ClipModel:
 @dataclass(frozen=True, kw_only=True)
 class RotationDetector:
     detector: str = "clip"
-    """``clip`` (zero-shot over the 4 rotations with the stage's CLIP model) or ``none`` (EXIF only)."""
-    action: str = "discard"
-    """``discard``: rotated images are rejected by the rotation rule. ``correct``: the stored image is
-    rotated upright at scoring time when the detector is at least ``correct_confidence`` sure."""
-    correct_confidence: float = 0.8
-    """With action ``correct``: detector confidence needed to rotate the stored image."""
+    """``clip`` (zero-shot over the 4 rotations with the stage's CLIP model; off when ``--skip
+    clip``) or ``none`` (EXIF orientation only, which is always applied)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,10 +61,13 @@ class Scoring:
     """Short side, in pixels, the stage decodes to (JPEG draft mode) and scores at."""
     max_pixels: int = 178_956_970
     """Decompression-bomb guard: a header with more pixels than this is a broken file."""
-    store_image: bool = True
-    """Store the decoded, oriented RGB image (JPEG) in the ``image`` blob column."""
+    store_image: str = "source"
+    """What the ``image`` blob column holds for every decodable row: ``source`` — the file's own
+    bytes (full resolution, what later 512-2048 px stages and captioning need; decode them with
+    ``curation.decode.decode`` for the same orientation/mode handling); ``normalized`` — the
+    upright RGB image at the working size as JPEG; ``none`` — nothing (``uri`` is the reference)."""
     store_quality: int = 90
-    """JPEG quality of the stored image."""
+    """JPEG quality of the stored image with ``store_image: normalized``."""
     clip: ClipModel = field(default_factory=ClipModel)
     tokenizer: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     """Tokenizer (local path or hub id) that counts caption tokens; the condition encoder's."""
@@ -100,8 +99,12 @@ class NsfwRule:
 
 @dataclass(frozen=True, kw_only=True)
 class RotationRule:
+    action: str = "discard"
+    """What to do with an image the detector finds rotated: ``discard`` rejects it; ``correct``
+    keeps it and sets the decision column ``rotate`` to the turn readers apply
+    (``curation.table.load_image`` does)."""
     min_confidence: float = 0.9
-    """With action ``discard``: reject when the detector says rotated with at least this confidence."""
+    """Detector confidence (probability the pixels are not upright) needed to act."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,8 +144,8 @@ class Thresholds:
 class StageConfig:
     stage: str = "stage1"
     """Stage name written on every row; an output table holds one stage only."""
-    batch_size: int = 64
-    """Items per Ray Data batch (one decode + all scorers per batch)."""
+    batch_size: int = 256
+    """Items per Ray Data batch: one decode + all scorers per item, one Lance fragment per batch."""
     num_workers: int | None = None
     """Scoring actors; null = one per CPU Ray reports."""
     cpus_per_worker: float = 1.0
@@ -175,7 +178,6 @@ _RANGES: tuple[tuple[str, float, float], ...] = (
     ("scoring.max_pixels", 1, 10**12),
     ("scoring.store_quality", 1, 100),
     ("scoring.clip.batch_size", 1, 4096),
-    ("scoring.rotation.correct_confidence", 0.0, 1.0),
     ("thresholds.resolution.min_short_side", 0, 1_000_000),
     ("thresholds.resolution.max_aspect_ratio", 1.0, 1000.0),
     ("thresholds.dedup.max_hamming", 0, 16),
@@ -188,8 +190,9 @@ _RANGES: tuple[tuple[str, float, float], ...] = (
     ("thresholds.token_length.max_tokens", 0, 1_000_000),
 )
 _CHOICES = {
+    "scoring.store_image": ("source", "normalized", "none"),
     "scoring.rotation.detector": ("clip", "none"),
-    "scoring.rotation.action": ("discard", "correct"),
+    "thresholds.rotation.action": ("discard", "correct"),
 }
 
 

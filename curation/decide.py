@@ -28,7 +28,7 @@ def _np(t: pa.Table, name: str, fill: float = np.nan) -> np.ndarray:
 
 
 def decide(scores: pa.Table, cfg: StageConfig) -> pa.Table:
-    """``DECISION_SCHEMA`` rows (id, keep, reject_reason, dup_of, decided_config_hash) for ``scores``."""
+    """``DECISION_SCHEMA`` rows (id, keep, reject_reason, dup_of, rotate, decided_config_hash)."""
     th, n = cfg.thresholds, scores.num_rows
     reason = np.full(n, None, dtype=object)
     dup_of = np.full(n, None, dtype=object)
@@ -58,9 +58,13 @@ def decide(scores: pa.Table, cfg: StageConfig) -> pa.Table:
         dup_of[cand[losers]] = ids[win[losers]]
 
     reject("nsfw", _np(scores, "nsfw_score") > th.nsfw.max_score)
-    if cfg.scoring.rotation.action == "discard":
-        rotated = (_np(scores, "rotation_pred", 0) != 0) & (_np(scores, "rotation_score") >= th.rotation.min_confidence)
+    pred = _np(scores, "rotation_pred", 0)
+    rotated = (pred != 0) & (_np(scores, "rotation_score") >= th.rotation.min_confidence) & ~skip["rotation"]
+    rotate = np.zeros(n, np.int16)
+    if th.rotation.action == "discard":
         reject("rotation", rotated)
+    else:
+        rotate[rotated] = pred[rotated].astype(np.int16)
     ent, noise = _np(scores, "entropy"), _np(scores, "noise")
     reject("entropy", (ent < th.entropy.min_entropy) | (noise > th.entropy.max_noise))
     reject("clip", _np(scores, "clip_score") < th.clip.min_score)
@@ -70,7 +74,8 @@ def decide(scores: pa.Table, cfg: StageConfig) -> pa.Table:
     keep = reason == None  # noqa: E711
     return pa.Table.from_arrays([
         scores.column("id"), pa.array(keep, pa.bool_()), pa.array(reason.tolist(), pa.string()),
-        pa.array(dup_of.tolist(), pa.string()), pa.array([cfg.threshold_hash()] * n, pa.string()),
+        pa.array(dup_of.tolist(), pa.string()), pa.array(rotate, pa.int16()),
+        pa.array([cfg.threshold_hash()] * n, pa.string()),
     ], schema=DECISION_SCHEMA)
 
 

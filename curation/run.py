@@ -51,7 +51,7 @@ class RunSummary:
 
 def _table_meta(cfg: StageConfig, score_hash: str, skipped: tuple[str, ...]) -> dict[bytes, bytes]:
     return {b"stage": cfg.stage.encode(), b"score_config_hash": score_hash.encode(),
-            b"skipped": json.dumps(list(skipped)).encode()}
+            b"skipped": json.dumps(list(skipped)).encode(), b"store_image": cfg.scoring.store_image.encode()}
 
 
 def check_output(uri: str, cfg: StageConfig, score_hash: str, storage_options: dict | None = None) -> int:
@@ -140,7 +140,8 @@ def run_stage(input_spec: str, output: str, cfg: StageConfig, skipped: tuple[str
 
     items, n_items = build_items(source, done, cfg.batch_size, workers)
     scored = items.map_batches(
-        Stage1Scorer, batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=workers,
+        Stage1Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None,
         fn_constructor_kwargs={"cfg": cfg, "skipped": skipped, "output_uri": output,
                                "score_hash": score_hash, "storage_options": storage_options})

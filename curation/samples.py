@@ -203,9 +203,9 @@ def write_sample_config(path: str | Path, models_dir: str | Path) -> str:
         "stage": "stage1",
         "batch_size": 16,
         "scoring": {"clip": {"model": name, "model_config": cfg_json, "weights": weights},
-                    "tokenizer": tok, "rotation": {"detector": "clip", "action": "discard"}},
+                    "tokenizer": tok, "rotation": {"detector": "clip"}},
         "thresholds": {"clip": {"min_score": -1.0}, "token_length": {"max_tokens": 512},
-                       "rotation": {"min_confidence": 0.99}},
+                       "rotation": {"action": "discard", "min_confidence": 0.99}},
     }
     Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
     return str(path)

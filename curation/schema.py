@@ -5,8 +5,10 @@ input during scoring (``keep``/``reject_reason``/``dup_of`` null), then the deci
 decision columns from the stored scores. Scores are kept apart from decisions so thresholds can be
 changed (``--rethreshold``) without decoding or running models again.
 
-Downstream jobs select ``keep == true`` and read ``image`` (JPEG bytes of the decoded, orientation
-corrected RGB image at the stage's working resolution) or go back to ``uri`` for full resolution.
+Downstream jobs select ``keep == true`` and read ``image`` with :mod:`curation.table`: by default
+the source file's own bytes (``scoring.store_image: source``; decode them with
+``curation.decode.decode`` to get the same upright RGB the scorers saw), or the working-size upright
+RGB JPEG (``normalized``). The table's schema metadata ``store_image`` says which.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ DECISION_FIELDS: dict[str, tuple[pa.DataType, str]] = {
     "keep": (pa.bool_(), "the decision of the stage; null until the decision pass ran"),
     "reject_reason": (pa.string(), "first failing filter in chain order, null when kept"),
     "dup_of": (pa.string(), "id of the cluster survivor for exact/near duplicates"),
+    "rotate": (pa.int16(), "counter-clockwise turn readers apply (rotation action correct), else 0"),
     "decided_config_hash": (pa.string(), "hash of the thresholds that made the decision"),
 }
 

@@ -21,7 +21,8 @@ from .scorers import (
     ClipScorer,
     NsfwScorer,
     TokenCounter,
-    entropy_and_noise,
+    grey_entropy,
+    noise_score,
     phash64,
 )
 
@@ -70,12 +71,14 @@ class Stage1Scorer:
 
     def __init__(self, cfg: StageConfig, skipped: tuple[str, ...], output_uri: str | None,
                  score_hash: str, storage_options: dict | None = None):
-        import torch
-
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         self.cfg, self.skipped, self.uri, self.score_hash = cfg, skipped, output_uri, score_hash
         self.storage_options = storage_options
-        device = "cuda" if cfg.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        device = "cpu"
+        if "clip" not in skipped:  # torch is imported only by actors that run a torch model
+            import torch
+
+            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+            device = "cuda" if cfg.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
         self.models = build_model_scorers(cfg, skipped, device)
         for m in self.models.values():
             m.setup()
@@ -114,25 +117,24 @@ class Stage1Scorer:
             out["format"][i], out["exif_orientation"][i] = d.format, d.orientation
             images.append(d.image)
             idx.append(i)
+            if s.store_image == "source":
+                out["image"][i] = data
         captions = [out["caption"][i] for i in idx]
 
         if self.rotation is not None and images:
             preds, probs = self.rotation(images, captions)
             for k, i in enumerate(idx):
                 out["rotation_pred"][i], out["rotation_score"][i] = preds[k], probs[k]
-                if s.rotation.action == "correct" and preds[k] and probs[k] >= s.rotation.correct_confidence:
-                    images[k] = images[k].rotate(preds[k], expand=True)
-                    if preds[k] in (90, 270):
-                        out["width"][i], out["height"][i] = out["height"][i], out["width"][i]
         for k, i in enumerate(idx):
             w, h = out["width"][i], out["height"][i]
             if "resolution" not in sk:
                 out["short_side"][i], out["aspect_ratio"][i] = min(w, h), max(w, h) / max(1, min(w, h))
+            grey = images[k].convert("L")
             if "dedup" not in sk:
-                out["phash"][i] = phash64(images[k])
+                out["phash"][i] = phash64(grey)
             if "entropy" not in sk:
-                out["entropy"][i], out["noise"][i] = entropy_and_noise(images[k])
-            if s.store_image:
+                out["entropy"][i], out["noise"][i] = grey_entropy(grey), noise_score(images[k])
+            if s.store_image == "normalized":
                 out["image"][i] = encode_jpeg(images[k], s.store_quality)
         if "nsfw" in self.models and images:
             for k, v in enumerate(self.models["nsfw"](images)):

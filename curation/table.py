@@ -35,3 +35,15 @@ def read_images(ds_or_uri, row_ids, version: int | None = None) -> list[bytes | 
         return []
     got = dict(ds.read_blobs("image", ids=ids, preserve_order=True))
     return [got.get(i) for i in ids]
+
+
+def load_image(data: bytes, rotate: int = 0, short_side: int | None = None):
+    """Stored image bytes -> upright RGB ``PIL.Image``: the same decoder as scoring (EXIF orientation,
+    CMYK/16-bit/palette/alpha normalisation), the row's ``rotate`` decision applied, and, with
+    ``short_side``, decoded at reduced size (JPEG draft). Raises ValueError for undecodable bytes."""
+    from .decode import decode
+
+    d = decode(data, short_side or 1 << 30, max_pixels=1 << 40)
+    if d.error:
+        raise ValueError(d.error)
+    return d.image.rotate(rotate, expand=True) if rotate else d.image
