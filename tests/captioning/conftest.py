@@ -1,0 +1,164 @@
+"""Fixtures for captioning tests: tiny curated Lance tables, a scripted HTTP server for retry paths,
+and (session-wide) a tiny random Qwen2-VL served by a REAL vLLM OpenAI server on the CPU."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image, ImageDraw
+
+from captioning.testing import VLLMServer, build_tiny_qwen2vl, vllm_available
+from curation.schema import SCHEMA as CURATED_SCHEMA
+
+DATA = Path(__file__).parent / "data"
+TINY_PROMPTS = dict(prompt_root=str(DATA), prompt_version="tiny")
+SERVED = "tiny-qwen2-vl"
+
+# Valid answers for the tiny test schemas (tests/captioning/data/schemas/tiny).
+TINY_ANSWERS = {
+    "route": {"has_text": True, "is_structured": False, "has_known_entities": True},
+    "general": {"en": {"short": "cat", "medium": "red", "dense": "box"},
+                "zh": {"short": "猫", "medium": "红色", "dense": "盒"}},
+    "text": {"layout": "poster", "blocks": [{"text": "sale", "position": "top", "role": "title"}],
+             "en": "sale", "zh": "促销"},
+    "knowledge": {"entities": [{"name": "cat", "type": "species", "confidence": "high"}], "en": "cat", "zh": "猫"},
+    "structured": {"kind": "chart", "entities": [{"id": "a", "label": "x", "attributes": {}}], "relations": [],
+                   "en": "bar", "zh": "图"},
+}
+
+
+def synthetic_image(i: int, size: tuple[int, int] = (400, 320)) -> Image.Image:
+    """A smooth image with shapes (passes stage-1 entropy/noise checks), distinct per `i`."""
+    rng = np.random.default_rng(i)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    c0, c1 = rng.integers(0, 255, 3), rng.integers(0, 255, 3)
+    t = (x / w * np.cos(i) + y / h * np.sin(i))[..., None]
+    im = Image.fromarray((c0 * (1 - t) + c1 * t).clip(0, 255).astype("uint8"))
+    draw = ImageDraw.Draw(im)
+    for k in range(4):
+        x0, y0 = int(rng.integers(0, w * 4 // 5)), int(rng.integers(0, h * 4 // 5))
+        box = [x0, y0, x0 + int(rng.integers(w // 12, w // 3)), y0 + int(rng.integers(h // 12, h // 3))]
+        (draw.ellipse if k % 2 else draw.rectangle)(box, fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    if i % 3 == 0:
+        draw.text((20, 20), f"SALE {i}", fill=(0, 0, 0))
+    return im
+
+
+def jpeg(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_curated(uri: str | Path, keep: list[bool], images: list[bytes | None] | None = None) -> lance.LanceDataset:
+    """A curated table following curation/schema.SCHEMA (image as a Lance blob column)."""
+    n = len(keep)
+    images = images if images is not None else [jpeg(synthetic_image(i, (96, 80))) for i in range(n)]
+    cols = {f.name: pa.nulls(n, f.type) for f in CURATED_SCHEMA}
+    cols.update(id=pa.array([f"id{i:03d}" for i in range(n)]), uri=pa.array([f"mem://{i}" for i in range(n)]),
+                keep=pa.array(keep), reject_reason=pa.array([None if k else "entropy" for k in keep]),
+                image=pa.array(images, pa.large_binary()))
+    return lance.write_dataset(pa.table(cols, schema=CURATED_SCHEMA), str(uri), mode="create")
+
+
+def completion(content: str, finish: str = "stop") -> dict[str, Any]:
+    return {"id": "c", "object": "chat.completion", "model": SERVED,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": finish}]}
+
+
+Reply = tuple[int, Any] | str  # (status, JSON payload or text) or "drop" to close the socket
+
+
+class ScriptedServer:
+    """A real local HTTP server whose chat answers come from a Python function (for retry paths that
+    a vLLM server cannot be made to produce on demand: 429, 5xx, dropped connections)."""
+
+    def __init__(self, respond: Callable[[dict[str, Any]], Reply]):
+        self.respond = respond
+        self.requests: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, payload: Any) -> None:
+                data = (json.dumps(payload) if not isinstance(payload, str) else payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send(200, {"object": "list", "data": [{"id": SERVED, "object": "model"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                reply = outer.respond(body)
+                if reply == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self._send(*reply)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> ScriptedServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def kind_of(body: dict[str, Any]) -> str:
+    return body["response_format"]["json_schema"]["name"].rsplit("_", 1)[0]
+
+
+def image_of(body: dict[str, Any]) -> bytes:
+    url = body["messages"][-1]["content"][0]["image_url"]["url"]
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+@pytest.fixture
+def scripted():
+    """Factory: `with scripted(fn) as server:` starts a ScriptedServer answering with fn(body)."""
+    return ScriptedServer
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2_vl"))
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_vlm, tmp_path_factory):
+    """One real vLLM OpenAI-compatible server (CPU, float32, eager) for the whole session."""
+    reason = vllm_available()
+    if reason:
+        pytest.skip(reason)
+    server = VLLMServer(tiny_vlm, served_name=SERVED, log_path=tmp_path_factory.mktemp("vllm") / "server.log")
+    server.start()
+    yield server
+    server.stop()
