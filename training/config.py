@@ -1,0 +1,279 @@
+"""Typed, frozen training config, loaded from YAML plus ``key.path=value`` overrides and validated
+at load (torchtitan ``configs.py`` style): a misspelt or mistyped key fails at once with a one-line
+error naming the field, before Ray or torch start anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from training.mmdit import MMDIT_PRESETS
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message starts with the dotted field name."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    preset: str = "tiny"
+    """Size preset from ``training.mmdit.MMDIT_PRESETS`` (tiny, small, 1B, 2B, paper)."""
+    patch_size: int = 2
+    """Latent pixels per token side (2 for an f8 VAE; 1 for an f16 VAE like Qwen-Image-2.0's)."""
+    depth: int | None = None
+    """Override the preset's number of blocks (e.g. a shallow 1B-width model for a smoke run)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeFiConfig:
+    enabled: bool = False
+    """Train SeFi's semantic-first variant; needs a latent cache with semantic channels."""
+    delta: float = 0.3
+    """How far semantics run ahead: t_s = min(1, t(1+delta)), t_z = max(0, t(1+delta) - delta)."""
+    semantic_loss_weight: float = 1.0
+    """Weight of the velocity loss on the semantic channels (texture channels weigh 1)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowConfig:
+    logit_mean: float = 0.0
+    """Mean of the logit-normal timestep density."""
+    logit_std: float = 1.0
+    """Std of the logit-normal timestep density."""
+    shift_base_tokens: int = 256
+    """Image-token count with shift 1; shift = sqrt(tokens / this), clipped to [1, max_shift]."""
+    max_shift: float = 6.0
+    """Upper bound of the resolution-dependent shift."""
+    caption_dropout: float = 0.1
+    """Probability of replacing the caption by the empty prompt (report: uncond. dropout 0.1)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    resolution: int = 256
+    """Stage resolution: the latent cache must be encoded at this resolution (checked)."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all workers."""
+    micro_batch_size: int | None = None
+    """Samples per forward/backward per worker; the rest is gradient accumulation. None: all."""
+    caption_types: dict[str, float] = field(default_factory=lambda: {"short": 0.2, "medium": 0.3, "dense": 0.5})
+    """Sampling ratios of caption lengths; variants missing for an image are dropped and the rest
+    renormalised; an image with none of them uses its original alt text."""
+    languages: dict[str, float] = field(default_factory=lambda: {"en": 0.8, "zh": 0.2})
+    """Sampling ratios of caption languages (same fallback rule)."""
+    t2i_ratio: float = 0.9
+    """Fraction of steps that are text-to-image."""
+    ti2i_ratio: float = 0.1
+    """Fraction of steps that are text+image-to-image (edit pairs with a reference latent)."""
+    max_text_len: int = 512
+    """Condition-encoder states are cut to this many tokens."""
+    seed: int = 0
+    """Seed of the step -> batch mapping (a pure function of seed and step, so resume is exact)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.001
+    """Report Table 2: 0.001 in all stages."""
+    grad_clip: float = 1.0
+    """Max global grad norm (report: 1.0)."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr."""
+    schedule: str = "constant"
+    """After warmup: constant or cosine (down to min_lr_ratio * lr at the last step)."""
+    min_lr_ratio: float = 0.1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    mixed_precision: str = "fp32"
+    """bf16: FSDP2 keeps fp32 master weights, computes in bf16 and reduces gradients in fp32. fp32 for
+    CPU/gloo."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (saves memory, costs ~1/3 more compute)."""
+    compile: bool = False
+    """torch.compile each block (per-block so FSDP2's hooks stay outside the graph)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    name: str
+    """Run name: checkpoints and logs go to <storage>/<name>; rerunning the same name resumes."""
+    stage: str = ""
+    """Which row of the report's Table 2 this reproduces (free text, for the logs)."""
+    steps: int
+    """Optimizer steps of this stage."""
+    log_every: int = 10
+    ckpt_every: int = 1000
+    """Checkpoint every this many steps (and at the last step)."""
+    keep_checkpoints: int = 2
+    ema_decay: float = 0.0
+    """EMA of the weights kept in the checkpoint; 0 disables."""
+    workers: int = 1
+    """Ray Train workers (one per GPU with use_gpu)."""
+    use_gpu: bool = False
+    max_failures: int = 3
+    """Worker failures Ray Train recovers from by restarting from the latest checkpoint."""
+    fault_injection_step: int | None = None
+    """Testing failure recovery: rank 1 raises before this step on a run that did not resume."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sefi: SeFiConfig = field(default_factory=SeFiConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+
+def _check(cond: bool, name: str, msg: str):
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def _ratios(d: dict[str, float], name: str, allowed: tuple[str, ...]):
+    for k, v in d.items():
+        _check(k in allowed, f"{name}.{k}", f"unknown key; allowed: {', '.join(allowed)}")
+        _check(v >= 0, f"{name}.{k}", "ratio must be >= 0")
+    _check(abs(sum(d.values()) - 1) < 1e-6, name, f"ratios must sum to 1 (got {sum(d.values()):g})")
+
+
+def validate(c: TrainConfig):
+    _check(c.model.preset in MMDIT_PRESETS, "model.preset", f"unknown preset {c.model.preset!r}; choose one of {sorted(MMDIT_PRESETS)}")
+    _check(c.model.patch_size >= 1, "model.patch_size", "must be >= 1")
+    _check(c.steps > 0, "steps", "must be > 0")
+    _check(c.log_every > 0, "log_every", "must be > 0")
+    _check(c.ckpt_every > 0, "ckpt_every", "must be > 0")
+    _check(c.workers >= 1, "workers", "must be >= 1")
+    _check(0 <= c.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+    _check(c.sefi.delta >= 0, "sefi.delta", "must be >= 0")
+    _check(c.sefi.semantic_loss_weight >= 0, "sefi.semantic_loss_weight", "must be >= 0")
+    _check(0 <= c.flow.caption_dropout < 1, "flow.caption_dropout", "must be in [0, 1)")
+    _check(c.flow.logit_std > 0, "flow.logit_std", "must be > 0")
+    _check(c.flow.max_shift >= 1, "flow.max_shift", "must be >= 1")
+    d = c.data
+    _check(d.resolution % 16 == 0 and d.resolution >= 32, "data.resolution", "must be a multiple of 16, >= 32")
+    _check(d.global_batch_size % c.workers == 0, "data.global_batch_size",
+           f"{d.global_batch_size} is not divisible by workers={c.workers}")
+    per = d.global_batch_size // c.workers
+    if d.micro_batch_size is not None:
+        _check(d.micro_batch_size > 0 and per % d.micro_batch_size == 0, "data.micro_batch_size",
+               f"must divide the per-worker batch {per}")
+    _ratios(d.caption_types, "data.caption_types", ("short", "medium", "dense"))
+    _ratios(d.languages, "data.languages", ("en", "zh"))
+    _check(d.t2i_ratio >= 0 and d.ti2i_ratio >= 0, "data.t2i_ratio", "ratios must be >= 0")
+    _check(abs(d.t2i_ratio + d.ti2i_ratio - 1) < 1e-6, "data.ti2i_ratio", "t2i_ratio + ti2i_ratio must be 1")
+    _check(d.max_text_len > 0, "data.max_text_len", "must be > 0")
+    o = c.optim
+    _check(o.lr > 0, "optim.lr", "must be > 0")
+    _check(o.schedule in ("constant", "cosine"), "optim.schedule", "must be 'constant' or 'cosine'")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(o.grad_clip > 0, "optim.grad_clip", "must be > 0")
+    _check(c.parallel.mixed_precision in ("bf16", "fp32"), "parallel.mixed_precision", "must be 'bf16' or 'fp32'")
+    if c.parallel.mixed_precision == "bf16":
+        _check(c.use_gpu, "parallel.mixed_precision", "bf16 needs use_gpu (CPU/gloo runs use fp32)")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _coerce(tp, value, name: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, name + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            _check(type(None) in args, name, "may not be null")
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, name)
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        _check(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__}")
+        return {_coerce(kt, k, f"{name}.{k}"): _coerce(vt, v, f"{name}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        args = typing.get_args(tp)
+        _check(isinstance(value, list | tuple) and len(value) == len(args), name, f"expected a list of {len(args)}")
+        return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if tp is float:
+        _check(isinstance(value, int | float) and not isinstance(value, bool), name, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), name, f"expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), name, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{name}: unsupported config type {tp}")
+
+
+def _build(cls, d: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in d:
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            raise ConfigError(f"{prefix}{k}: unknown field" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in d.items()}
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required field is missing")
+    return cls(**kwargs)
+
+
+def apply_override(d: dict, item: str) -> None:
+    """``optim.lr=3e-4`` -> d["optim"]["lr"] = 3e-4 (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    *path, last = key.strip().split(".")
+    cur = d
+    for p in path:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"{key}: {p} is not a mapping")
+    cur[last] = yaml.safe_load(raw)
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    return _build(TrainConfig, d)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file {p}")
+    d = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config: {p} must hold a mapping")
+    for o in overrides:
+        apply_override(d, o)
+    return config_from_dict(d)
+
+
+def config_to_dict(c: TrainConfig) -> dict:
+    def conv(v):
+        if isinstance(v, tuple):
+            return list(v)
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(c))

@@ -1,0 +1,204 @@
+"""Ray Data pipelines that turn the curated (and optionally captioned) Lance tables into the trainer's
+latent cache (``training/latents_schema.py``).
+
+Two independent pipelines, so no work is done twice and neither holds the other's outputs:
+
+* images: curated rows with ``keep`` -> decode JPEG, resize/crop to the nearest aspect bucket -> VAE
+  latent (+ SeFi semantic channels) on an actor pool -> ``latents.lance``;
+* text: every caption variant of every kept row (captions-table ``general`` JSON and the curated alt
+  text) plus one empty prompt -> condition-encoder states on an actor pool -> ``text.lance``.
+
+Each table is written by one ``write_lance`` commit (workers write fragments, the driver commits
+once), so a killed job leaves the previous table untouched and a rerun rewrites it whole: no lost and
+no duplicated rows. A rerun with the same sources, versions and settings finds the recorded
+provenance and skips the table.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import lance
+import numpy as np
+import pyarrow as pa
+import torch
+
+from training.data import bucket_table, caption_variants, nearest_bucket, resize_to_bucket
+from training.encoders import VAE, SemanticEncoder, TextEncoder
+from training.latents_schema import latent_schema, read_metadata, text_schema, to_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeSettings:
+    curated: str
+    out: str
+    vae: str
+    text_encoder: str
+    resolution: int
+    captions: str | None = None
+    semantic_encoder: str | None = None
+    semantic_channels: int = 0
+    bucket_multiple: int = 32
+    text_layer: int = -1
+    max_text_len: int = 512
+    batch_size: int = 16
+    concurrency: int = 1
+    device: str = "cpu"
+    limit: int | None = None
+
+
+class ImageEncoder:
+    """Actor: loads the VAE (and semantic encoder) once, then encodes batches bucket by bucket."""
+
+    def __init__(self, s: EncodeSettings, curated_version: int):
+        self.s = s
+        # The curated image column is a Lance blob column: read through take_blobs by row address.
+        self.curated = lance.dataset(s.curated, version=curated_version)
+        self.vae = VAE.load(s.vae, device=s.device)
+        self.sem = SemanticEncoder.load(s.semantic_encoder, s.semantic_channels, device=s.device) if s.semantic_encoder else None
+        self.buckets = bucket_table(s.resolution, s.bucket_multiple)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from PIL import Image
+
+        rows = batch.to_pylist()
+        blobs = self.curated.take_blobs("image", addresses=batch.column("_rowaddr"))
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        pixels: dict[int, np.ndarray] = {}
+        for i in range(len(rows)):
+            with blobs[i] as f:
+                img = Image.open(io.BytesIO(f.readall()))
+                img.load()
+            b = nearest_bucket(img.width, img.height, self.buckets)
+            pixels[i] = resize_to_bucket(img, b)
+            groups[b].append(i)
+        out: list[dict] = [None] * len(rows)  # type: ignore[list-item]
+        for (bh, bw), idx in groups.items():
+            x = torch.from_numpy(np.stack([pixels[i] for i in idx]))
+            z = self.vae.encode(x)
+            if self.sem is not None:
+                z = torch.cat([z, self.sem.encode(x, grid=z.shape[2:]).to(z)], 1)
+            for j, i in enumerate(idx):
+                out[i] = {"id": rows[i]["id"], "bucket_h": bh, "bucket_w": bw, "latent_shape": list(z.shape[1:]),
+                          "semantic_channels": self.s.semantic_channels if self.sem else 0, "ref_id": None,
+                          "latent": to_bytes(z[j].numpy()), "ref_latent": None}
+        return pa.Table.from_pylist(out, schema=latent_schema())
+
+
+class CaptionEncoder:
+    """Actor: loads the condition encoder once; encodes (id, kind, lang, text) rows."""
+
+    def __init__(self, s: EncodeSettings):
+        self.enc = TextEncoder.load(s.text_encoder, device=s.device, layer=s.text_layer, max_len=s.max_text_len)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        states = self.enc.encode(batch.column("text").to_pylist())
+        return batch.append_column("length", pa.array([len(a) for a in states], pa.int32())).append_column(
+            "states", pa.array([to_bytes(a) for a in states], pa.large_binary()))
+
+
+def _explode_captions(batch: pa.Table, captions: str | None = None, captions_version: int | None = None) -> pa.Table:
+    """Curated (id, caption) rows -> one row per caption variant. The captions table is merged on id
+    with a Lance lookup per batch (an ``id IN (...)`` scan that uses a scalar index on ``id`` when the
+    captions table has one); Ray Data's hash join needs more CPUs than a small node has."""
+    import pyarrow.compute as pc
+
+    ids_b = batch.column("id")
+    general = {}
+    if captions:
+        cap = lance.dataset(captions, version=captions_version).to_table(columns=["id", "general"], filter=pc.field("id").isin(ids_b))
+        general = dict(zip(cap.column("id").to_pylist(), cap.column("general").to_pylist(), strict=True))
+    ids, kinds, langs, texts = [], [], [], []
+    for i, cap_text in zip(ids_b.to_pylist(), batch.column("caption").to_pylist(), strict=True):
+        for k, lg, t in caption_variants(cap_text, general.get(i)):
+            ids.append(i), kinds.append(k), langs.append(lg), texts.append(t)
+    return pa.table({"id": pa.array(ids, pa.string()), "kind": pa.array(kinds, pa.string()),
+                     "lang": pa.array(langs, pa.string()), "text": pa.array(texts, pa.string())})
+
+
+def _provenance(s: EncodeSettings, curated_version: int, captions_version: int | None, text_dim: int,
+                latent_channels: int, vae_factor: int) -> dict:
+    p = {k: v for k, v in asdict(s).items() if k not in ("out", "batch_size", "concurrency", "device")}
+    p.update(curated_version=curated_version, captions_version=captions_version)
+    p.update(text_dim=text_dim, latent_channels=latent_channels, vae_factor=vae_factor)
+    return p
+
+
+def _up_to_date(uri: str, prov: dict) -> bool:
+    try:
+        md = read_metadata(lance.dataset(uri).schema)
+    except Exception:  # noqa: BLE001 - missing or unreadable: rebuild it
+        return False
+    return all(md.get(k) == v for k, v in prov.items() if k not in ("text_dim", "latent_channels", "vae_factor"))
+
+
+def validate_settings(s: EncodeSettings) -> None:
+    """One-line errors naming the flag, before any work."""
+    try:
+        cur = lance.dataset(s.curated)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--curated: cannot open Lance table {s.curated}: {e}") from None
+    missing = {"id", "caption", "keep", "image"} - set(cur.schema.names)
+    if missing:
+        raise ValueError(f"--curated: {s.curated} lacks columns {sorted(missing)} (see curation/schema.py)")
+    if s.captions:
+        try:
+            cap = lance.dataset(s.captions)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"--captions: cannot open Lance table {s.captions}: {e}") from None
+        if not {"id", "general"} <= set(cap.schema.names):
+            raise ValueError(f"--captions: {s.captions} needs columns id and general")
+    if s.resolution % 16 or s.resolution < 32:
+        raise ValueError("--resolution: must be a multiple of 16, >= 32")
+    if bool(s.semantic_encoder) != (s.semantic_channels > 0):
+        raise ValueError("--semantic-channels: set it > 0 exactly when --semantic-encoder is given")
+
+
+def run_encode(s: EncodeSettings, progress: bool = True) -> dict:
+    """Build (or confirm up to date) ``<out>/latents.lance`` and ``<out>/text.lance``; returns a summary."""
+    import ray
+
+    validate_settings(s)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    t0 = time.time()
+    cur = lance.dataset(s.curated)
+    cap_ver = lance.dataset(s.captions).version if s.captions else None
+    # Load the models once here to learn their shapes (and fail on a bad path before Ray work).
+    vae = VAE.load(s.vae)
+    enc = TextEncoder.load(s.text_encoder, layer=s.text_layer, max_len=s.max_text_len)
+    channels = vae.channels + s.semantic_channels
+    prov = _provenance(s, cur.version, cap_ver, enc.dim, channels, vae.factor)
+    null_states = enc.encode([""])[0]
+    del vae, enc
+    lat_uri, txt_uri = f"{s.out}/latents.lance", f"{s.out}/text.lance"
+    summary = {"latents": lat_uri, "text": txt_uri, "curated_version": cur.version, "skipped": []}
+
+    keep = "keep = true"
+    limit = (lambda d: d.limit(s.limit)) if s.limit else (lambda d: d)
+    if _up_to_date(lat_uri, prov):
+        summary["skipped"].append("latents")
+    else:
+        ds = limit(ray.data.read_lance(s.curated, columns=["id"], filter=keep, version=cur.version,
+                                       scanner_options={"with_row_address": True}))
+        ds = ds.map_batches(ImageEncoder, fn_constructor_args=(s, cur.version), batch_size=s.batch_size, batch_format="pyarrow",
+                            concurrency=s.concurrency)
+        ds.write_lance(lat_uri, schema=latent_schema(prov), mode="overwrite")
+    if _up_to_date(txt_uri, prov):
+        summary["skipped"].append("text")
+    else:
+        ds = limit(ray.data.read_lance(s.curated, columns=["id", "caption"], filter=keep, version=cur.version))
+        ds = ds.map_batches(_explode_captions, batch_format="pyarrow",
+                            fn_kwargs={"captions": s.captions, "captions_version": cap_ver})
+        ds = ds.map_batches(CaptionEncoder, fn_constructor_args=(s,), batch_size=s.batch_size, batch_format="pyarrow",
+                            concurrency=s.concurrency)
+        null = pa.table({"id": [""], "kind": ["null"], "lang": ["und"], "text": [""], "length": pa.array([len(null_states)], pa.int32()),
+                         "states": pa.array([to_bytes(null_states)], pa.large_binary())})
+        ds = ds.union(ray.data.from_arrow(null))
+        ds.write_lance(txt_uri, schema=text_schema(prov), mode="overwrite")
+    lat, txt = lance.dataset(lat_uri), lance.dataset(txt_uri)
+    summary.update(images=lat.count_rows(), captions=txt.count_rows() - 1, latents_version=lat.version,
+                   text_version=txt.version, seconds=round(time.time() - t0, 1))
+    return summary
