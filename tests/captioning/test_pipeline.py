@@ -3,6 +3,7 @@ scripted local HTTP server standing in for vLLM (the real server is in test_vllm
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import lance
@@ -24,6 +25,7 @@ from captioning.pipeline import run
 from captioning.schema import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "jobs"))  # jobs/_bootstrap.py, as when the job runs as a script
 spec = importlib.util.spec_from_file_location("caption_job", ROOT / "jobs" / "caption.py")
 caption_job = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(caption_job)
