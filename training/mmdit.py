@@ -156,42 +156,60 @@ def modulate(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class StreamParams(nn.Module):
     """The per-stream half of a block: modulation, qkv/out projections, QK RMSNorm, SwiGLU."""
 
-    def __init__(self, a: MMDiTArgs):
+    def __init__(self, a: MMDiTArgs, pre_only: bool = False):
         super().__init__()
         hd = a.dim // a.heads
-        self.mod = nn.Linear(a.dim, 4 * a.dim, bias=False)  # scale_attn, gate_attn, scale_mlp, gate_mlp
+        # scale_attn, gate_attn, scale_mlp, gate_mlp; a pre-only stream needs only scale_attn.
+        self.mod = nn.Linear(a.dim, (1 if pre_only else 4) * a.dim, bias=False)
         self.norm1 = nn.LayerNorm(a.dim, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(a.dim, 3 * a.dim, bias=False)
-        self.q_norm, self.k_norm = nn.RMSNorm(hd, eps=1e-6), nn.RMSNorm(hd, eps=1e-6)
-        self.proj = nn.Linear(a.dim, a.dim, bias=False)
-        self.norm2 = nn.LayerNorm(a.dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = SwiGLU(a.dim, a.mlp_hidden)
+        # A pre-only stream is never queried: keys and values only.
+        self.qkv = nn.Linear(a.dim, (2 if pre_only else 3) * a.dim, bias=False)
+        self.k_norm = nn.RMSNorm(hd, eps=1e-6)
+        if not pre_only:
+            self.q_norm = nn.RMSNorm(hd, eps=1e-6)
+            self.proj = nn.Linear(a.dim, a.dim, bias=False)
+            self.norm2 = nn.LayerNorm(a.dim, elementwise_affine=False, eps=1e-6)
+            self.mlp = SwiGLU(a.dim, a.mlp_hidden)
 
 
 class MMDiTBlock(nn.Module):
-    def __init__(self, a: MMDiTArgs):
+    """``last=True``: the text stream only supplies keys/values (SD3's ``context_pre_only``): its
+    outputs would feed nothing, and parameters without gradients would be dead weight."""
+
+    def __init__(self, a: MMDiTArgs, last: bool = False):
         super().__init__()
-        self.heads = a.heads
-        self.img, self.txt = StreamParams(a), StreamParams(a)
+        self.heads, self.last = a.heads, last
+        self.img, self.txt = StreamParams(a), StreamParams(a, pre_only=last)
 
     def _qkv(self, s: StreamParams, x, scale):
-        q, k, v = s.qkv(modulate(s.norm1(x), scale)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        h = s.qkv(modulate(s.norm1(x), scale))
+        if not hasattr(s, "q_norm"):
+            k, v = h.unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
+            return None, s.k_norm(k), v
+        q, k, v = h.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         return s.q_norm(q), s.k_norm(k), v
 
     def forward(self, x, c, c_emb, rope, mask):
         """x [B, Ni, D] image tokens, c [B, Nt, D] text tokens, c_emb [B, D] conditioning vector,
         rope (cos, sin) over the joint sequence, mask [B, 1, 1, Ni+Nt] bool or None."""
         mi = self.img.mod(F.silu(c_emb)).chunk(4, -1)
-        mt = self.txt.mod(F.silu(c_emb)).chunk(4, -1)
+        mt = self.txt.mod(F.silu(c_emb)).chunk(1 if self.last else 4, -1)
         qi, ki, vi = self._qkv(self.img, x, mi[0])
         qt, kt, vt = self._qkv(self.txt, c, mt[0])
-        q, k, v = (torch.cat(p, 2) for p in ((qi, qt), (ki, kt), (vi, vt)))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        ni = x.shape[1]
+        k, v = torch.cat((ki, kt), 2), torch.cat((vi, vt), 2)
+        if self.last:  # only image queries: the text outputs of the last block feed nothing
+            q = apply_rope(qi, rope[0][:ni], rope[1][:ni])
+        else:
+            q = apply_rope(torch.cat((qi, qt), 2), *rope)
+        k = apply_rope(k, *rope)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
-        oi, ot = o[:, : x.shape[1]], o[:, x.shape[1] :]
+        oi, ot = o[:, :ni], o[:, ni:]
         x = x + mi[1][:, None] * self.img.proj(oi)
-        c = c + mt[1][:, None] * self.txt.proj(ot)
         x = x + mi[3][:, None] * self.img.mlp(modulate(self.img.norm2(x), mi[2]))
+        if self.last:
+            return x, c
+        c = c + mt[1][:, None] * self.txt.proj(ot)
         c = c + mt[3][:, None] * self.txt.mlp(modulate(self.txt.norm2(c), mt[2]))
         return x, c
 
@@ -226,7 +244,7 @@ class MMDiT(nn.Module):
         self.txt_norm = nn.RMSNorm(a.text_dim, eps=1e-6)
         self.txt_embed = nn.Linear(a.text_dim, a.dim)
         self.t_embed = nn.ModuleList(TimestepEmbedder(a.dim) for _ in range(a.num_timesteps))
-        self.blocks = nn.ModuleList(MMDiTBlock(a) for _ in range(a.depth))
+        self.blocks = nn.ModuleList(MMDiTBlock(a, last=i == a.depth - 1) for i in range(a.depth))
         self.final = FinalLayer(a)
         self.init_weights()
 
