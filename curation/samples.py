@@ -142,7 +142,8 @@ def write_sample_folder(root: str | Path, n_extra_dups: int = 1) -> dict[str, st
     # what a grey-only "too much entropy" rule would flag); only a per-channel measure sees it.
     put("filters/colour_noise.png", png(Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8))),
         "colour static", "entropy high (colour noise)")
-    put("filters/long_caption.jpg", jpeg(photos[2][1]), "cat " * 3000, "token length")
+    put("filters/long_caption.jpg", jpeg(photos[1][1].transpose(Image.Transpose.FLIP_LEFT_RIGHT)), "cat " * 3000,
+        "token length")
     put("filters/no_caption.jpg", jpeg(photos[3][1].rotate(180)), None, "no caption")
     for name, data in malformed_corpus(photos[2][1]).items():
         put(f"malformed/{name}", data, "a malformed file", f"malformed: {name}")

@@ -1,0 +1,101 @@
+"""Decode-once: every malformed file becomes a result with a reason, every mode becomes RGB."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from curation import samples
+from curation.decode import decode
+
+MAX_PIXELS = 178_956_970
+
+
+@pytest.fixture(scope="module")
+def base() -> Image.Image:
+    return dict(samples.real_photos())["chelsea"]  # 451 x 300
+
+
+@pytest.fixture(scope="module")
+def corpus(base) -> dict[str, bytes]:
+    return samples.malformed_corpus(base)
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("truncated.jpg", "truncated"),
+    ("zero_bytes.jpg", "empty file"),
+    ("not_an_image.jpg", "cannot identify"),
+    ("corrupt.png", ""),
+    ("bomb.png", "decompression bomb"),
+])
+def test_broken_files_become_errors_not_crashes(corpus, name, needle):
+    d = decode(corpus[name], 256, MAX_PIXELS)
+    assert d.image is None and d.error, name
+    assert needle.lower() in d.error.lower()
+    assert d.content_hash and len(d.content_hash) == 64  # still hashed: the row is identifiable
+
+
+@pytest.mark.parametrize("name", ["cmyk.jpg", "grey16.png", "palette.png", "animated.gif", "rgba.png",
+                                  "la.png", "png_named.jpg", "exif_rot6.jpg"])
+def test_every_mode_normalised_to_rgb(corpus, name):
+    d = decode(corpus[name], 256, MAX_PIXELS)
+    assert d.error is None, d.error
+    assert d.image.mode == "RGB"
+    assert min(d.image.size) >= min(256, min(d.width, d.height))
+
+
+def test_content_not_extension_picks_decoder(corpus):
+    assert decode(corpus["png_named.jpg"], 256, MAX_PIXELS).format == "PNG"
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    ramp = (np.linspace(0, 65535, 512 * 300).reshape(300, 512)).astype(np.uint16)
+    d = decode(samples.png(Image.fromarray(ramp)), 1024, MAX_PIXELS)
+    a = np.asarray(d.image)[..., 0]
+    # Clipping to 8 bits would saturate nearly everything at 255; scaling keeps the ramp.
+    assert a.min() == 0 and a.max() == 255
+    assert 120 <= np.median(a) <= 135
+    assert (a == 255).mean() < 0.01
+
+
+def test_alpha_composited_on_white():
+    im = Image.new("RGBA", (300, 300), (10, 20, 30, 0))
+    d = decode(samples.png(im), 256, MAX_PIXELS)
+    assert np.asarray(d.image).min() == 255
+
+
+def test_exif_orientation_applied_and_recorded(base):
+    d = decode(samples.exif_rotated_jpeg(base, 6), 10_000, MAX_PIXELS)
+    assert d.orientation == 6
+    assert (d.width, d.height) == base.size  # upright size, not the stored (turned) one
+    diff = np.abs(np.asarray(d.image, np.int16) - np.asarray(base, np.int16)).mean()
+    assert diff < 8  # the same picture, upright (JPEG noise only)
+
+
+def test_jpeg_draft_decodes_fewer_pixels_but_keeps_working_size():
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1200, 1600, 3), dtype=np.uint8))
+    d = decode(samples.jpeg(big), 256, MAX_PIXELS)
+    assert (d.width, d.height) == (1600, 1200)
+    assert 256 <= min(d.image.size) < 600  # drafted: 1/4 scale gives 300 px, not 1200
+
+
+def test_truncated_jpeg_caught_even_in_draft_mode():
+    big = samples.jpeg(dict(samples.real_photos())["astronaut"].resize((1024, 1024)))
+    d = decode(big[: len(big) * 2 // 3], 256, MAX_PIXELS)
+    assert d.error and "truncated" in d.error
+
+
+def test_bomb_limit_is_the_configured_one(base):
+    d = decode(samples.jpeg(base), 256, max_pixels=1000)
+    assert d.error.startswith("decompression bomb") and "scoring.max_pixels" in d.error
+
+
+def test_decode_never_raises_on_garbage():
+    rng = np.random.default_rng(1)
+    for n in (1, 7, 100, 5000):
+        d = decode(bytes(rng.integers(0, 256, n, dtype=np.uint8)), 256, MAX_PIXELS)
+        assert d.error
+    d = decode(b"\xff\xd8\xff\xe0" + b"\0" * 100, 256, MAX_PIXELS)  # JPEG magic, nothing after
+    assert d.error

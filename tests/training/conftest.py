@@ -1,0 +1,55 @@
+"""Session fixtures for the training tests: tiny random models saved locally, a tiny curated Lance
+table (curation/schema.py) with a captions table and edit pairs, and the latent cache
+jobs/encode_latents.py builds from them (with SeFi semantic channels, so every test can use it)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lance
+import pyarrow as pa
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"vae": str(tiny.make_tiny_vae(root / "vae")), "text": str(tiny.make_tiny_qwen_vl(root / "qwen")),
+            "semantic": str(tiny.make_tiny_dinov2(root / "dino"))}
+
+
+@pytest.fixture(scope="session")
+def source_tables(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tables")
+    curated, captions, pairs = str(root / "curated.lance"), str(root / "captions.lance"), str(root / "pairs.lance")
+    ids = tiny.make_curated_table(curated)
+    tiny.make_captions_table(captions, ids)
+    # Edit pairs: target id, source id, instruction (the TI2I data).
+    lance.write_dataset(pa.table({"id": ids[1:7], "source_id": ids[0:6],
+                                  "instruction": [f"make the {w} house big" for w in tiny.WORDS[1:7]],
+                                  "lang": ["en"] * 6}), pairs)
+    return {"curated": curated, "captions": captions, "pairs": pairs, "ids": ids}
+
+
+@pytest.fixture(scope="session")
+def encode_settings(tiny_models, source_tables, tmp_path_factory):
+    from training.encode import EncodeSettings
+
+    return EncodeSettings(curated=source_tables["curated"], captions=source_tables["captions"],
+                          edit_pairs=source_tables["pairs"], out=str(tmp_path_factory.mktemp("cache")),
+                          vae=tiny_models["vae"], text_encoder=tiny_models["text"],
+                          semantic_encoder=tiny_models["semantic"], semantic_channels=2,
+                          resolution=64, bucket_multiple=16, max_text_len=64, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def cache(ray_local, encode_settings):
+    from training.encode import run_encode
+
+    summary = run_encode(encode_settings, progress=False)
+    return {"dir": encode_settings.out, "summary": summary}
