@@ -39,6 +39,7 @@ class EncodeSettings:
     text_encoder: str
     resolution: int
     captions: str | None = None
+    edit_pairs: str | None = None
     semantic_encoder: str | None = None
     semantic_channels: int = 0
     bucket_multiple: int = 32
@@ -61,31 +62,78 @@ class ImageEncoder:
         self.sem = SemanticEncoder.load(s.semantic_encoder, s.semantic_channels, device=s.device) if s.semantic_encoder else None
         self.buckets = bucket_table(s.resolution, s.bucket_multiple)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def _load(self, blob):
         from PIL import Image
 
-        rows = batch.to_pylist()
+        with blob as f:
+            img = Image.open(io.BytesIO(f.readall()))
+            img.load()
+        return img
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Rows (id, _rowaddr[, ref_id, ref_addr]) -> latent rows. A TI2I pair's reference image is
+        resized to the target's bucket so a batch shares one shape."""
+        n = batch.num_rows
         blobs = self.curated.take_blobs("image", addresses=batch.column("_rowaddr"))
+        ref_addr = batch.column("ref_addr").to_pylist() if "ref_addr" in batch.column_names else [None] * n
+        has_ref = [i for i in range(n) if ref_addr[i] is not None]
+        ref_blobs: list = [None] * n
+        for i, b in zip(has_ref, self.curated.take_blobs("image", addresses=[ref_addr[i] for i in has_ref]) if has_ref else [], strict=True):
+            ref_blobs[i] = b
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        pixels: dict[int, np.ndarray] = {}
-        for i in range(len(rows)):
-            with blobs[i] as f:
-                img = Image.open(io.BytesIO(f.readall()))
-                img.load()
+        pixels, refs = {}, {}
+        for i in range(n):
+            img = self._load(blobs[i])
             b = nearest_bucket(img.width, img.height, self.buckets)
             pixels[i] = resize_to_bucket(img, b)
+            if ref_blobs[i] is not None:
+                refs[i] = resize_to_bucket(self._load(ref_blobs[i]), b)
             groups[b].append(i)
-        out: list[dict] = [None] * len(rows)  # type: ignore[list-item]
+        ids = batch.column("id").to_pylist()
+        ref_ids = batch.column("ref_id").to_pylist() if "ref_id" in batch.column_names else [None] * n
+        out: list[dict] = [None] * n  # type: ignore[list-item]
         for (bh, bw), idx in groups.items():
             x = torch.from_numpy(np.stack([pixels[i] for i in idx]))
             z = self.vae.encode(x)
             if self.sem is not None:
                 z = torch.cat([z, self.sem.encode(x, grid=z.shape[2:]).to(z)], 1)
+            # References carry VAE (texture) channels only: the model conditions on them, never denoises them.
+            with_ref = [i for i in idx if i in refs]
+            zr = dict(zip(with_ref, self.vae.encode(torch.from_numpy(np.stack([refs[i] for i in with_ref]))), strict=True)) if with_ref else {}
             for j, i in enumerate(idx):
-                out[i] = {"id": rows[i]["id"], "bucket_h": bh, "bucket_w": bw, "latent_shape": list(z.shape[1:]),
-                          "semantic_channels": self.s.semantic_channels if self.sem else 0, "ref_id": None,
-                          "latent": to_bytes(z[j].numpy()), "ref_latent": None}
+                out[i] = {"id": ids[i], "bucket_h": bh, "bucket_w": bw, "latent_shape": list(z.shape[1:]),
+                          "semantic_channels": self.s.semantic_channels if self.sem else 0, "ref_id": ref_ids[i],
+                          "latent": to_bytes(z[j].numpy()), "ref_latent": to_bytes(zr[i].numpy()) if i in zr else None}
         return pa.Table.from_pylist(out, schema=latent_schema())
+
+
+def _no_ref(batch: pa.Table) -> pa.Table:
+    return batch.append_column("ref_id", pa.nulls(batch.num_rows, pa.string())).append_column(
+        "ref_addr", pa.nulls(batch.num_rows, pa.uint64()))
+
+
+def _pairs_table(s: EncodeSettings, cur: lance.LanceDataset) -> tuple[pa.Table, pa.Table]:
+    """Edit pairs (id = target, source_id, instruction[, lang]) -> rows for ImageEncoder (with row
+    addresses of both images) and instruction rows for the text pipeline. A pair's latent row id is
+    ``<target>|<source>`` so it never collides with the target's own T2I row."""
+    import pyarrow.compute as pc
+
+    pairs = lance.dataset(s.edit_pairs).to_table()
+    need = pa.concat_arrays([pairs.column("id").combine_chunks(), pairs.column("source_id").combine_chunks()]).unique()
+    found = cur.to_table(columns=["id"], filter=pc.field("id").isin(need) & (pc.field("keep") == True),  # noqa: E712
+                         with_row_address=True)
+    addr = dict(zip(found.column("id").to_pylist(), found.column("_rowaddr").to_pylist(), strict=True))
+    rows, texts = [], []
+    langs = pairs.column("lang").to_pylist() if "lang" in pairs.column_names else ["und"] * pairs.num_rows
+    for t, src, ins, lg in zip(pairs.column("id").to_pylist(), pairs.column("source_id").to_pylist(),
+                               pairs.column("instruction").to_pylist(), langs, strict=True):
+        if t in addr and src in addr and ins:
+            pid = f"{t}|{src}"
+            rows.append({"id": pid, "_rowaddr": addr[t], "ref_id": src, "ref_addr": addr[src]})
+            texts.append({"id": pid, "kind": "instruction", "lang": lg or "und", "text": ins})
+    rs = pa.schema([("id", pa.string()), ("_rowaddr", pa.uint64()), ("ref_id", pa.string()), ("ref_addr", pa.uint64())])
+    ts = pa.schema([("id", pa.string()), ("kind", pa.string()), ("lang", pa.string()), ("text", pa.string())])
+    return pa.Table.from_pylist(rows, schema=rs), pa.Table.from_pylist(texts, schema=ts)
 
 
 class CaptionEncoder:
@@ -122,7 +170,8 @@ def _explode_captions(batch: pa.Table, captions: str | None = None, captions_ver
 def _provenance(s: EncodeSettings, curated_version: int, captions_version: int | None, text_dim: int,
                 latent_channels: int, vae_factor: int) -> dict:
     p = {k: v for k, v in asdict(s).items() if k not in ("out", "batch_size", "concurrency", "device")}
-    p.update(curated_version=curated_version, captions_version=captions_version)
+    p.update(curated_version=curated_version, captions_version=captions_version,
+             edit_pairs_version=lance.dataset(s.edit_pairs).version if s.edit_pairs else None)
     p.update(text_dim=text_dim, latent_channels=latent_channels, vae_factor=vae_factor)
     return p
 
@@ -151,6 +200,13 @@ def validate_settings(s: EncodeSettings) -> None:
             raise ValueError(f"--captions: cannot open Lance table {s.captions}: {e}") from None
         if not {"id", "general"} <= set(cap.schema.names):
             raise ValueError(f"--captions: {s.captions} needs columns id and general")
+    if s.edit_pairs:
+        try:
+            ep = lance.dataset(s.edit_pairs)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"--edit-pairs: cannot open Lance table {s.edit_pairs}: {e}") from None
+        if not {"id", "source_id", "instruction"} <= set(ep.schema.names):
+            raise ValueError(f"--edit-pairs: {s.edit_pairs} needs columns id, source_id, instruction")
     if s.resolution % 16 or s.resolution < 32:
         raise ValueError("--resolution: must be a multiple of 16, >= 32")
     if bool(s.semantic_encoder) != (s.semantic_channels > 0):
@@ -166,32 +222,40 @@ def run_encode(s: EncodeSettings, progress: bool = True) -> dict:
     t0 = time.time()
     cur = lance.dataset(s.curated)
     cap_ver = lance.dataset(s.captions).version if s.captions else None
-    # Load the models once here to learn their shapes (and fail on a bad path before Ray work).
-    vae = VAE.load(s.vae)
-    enc = TextEncoder.load(s.text_encoder, layer=s.text_layer, max_len=s.max_text_len)
-    channels = vae.channels + s.semantic_channels
-    prov = _provenance(s, cur.version, cap_ver, enc.dim, channels, vae.factor)
-    null_states = enc.encode([""])[0]
-    del vae, enc
+    pair_rows, pair_texts = _pairs_table(s, cur) if s.edit_pairs else (None, None)
+    pair_rows = pair_rows if pair_rows is not None and pair_rows.num_rows else None
     lat_uri, txt_uri = f"{s.out}/latents.lance", f"{s.out}/text.lance"
     summary = {"latents": lat_uri, "text": txt_uri, "curated_version": cur.version, "skipped": []}
+    base = _provenance(s, cur.version, cap_ver, 0, 0, 0)
+    lat_done, txt_done = _up_to_date(lat_uri, base), _up_to_date(txt_uri, base)
+    if not (lat_done and txt_done):
+        # Load the models once here to learn their shapes (and fail on a bad path before Ray work).
+        vae = VAE.load(s.vae)
+        enc = TextEncoder.load(s.text_encoder, layer=s.text_layer, max_len=s.max_text_len)
+        prov = _provenance(s, cur.version, cap_ver, enc.dim, vae.channels + s.semantic_channels, vae.factor)
+        null_states = enc.encode([""])[0]
+        del vae, enc
 
     keep = "keep = true"
     limit = (lambda d: d.limit(s.limit)) if s.limit else (lambda d: d)
-    if _up_to_date(lat_uri, prov):
+    if lat_done:
         summary["skipped"].append("latents")
     else:
         ds = limit(ray.data.read_lance(s.curated, columns=["id"], filter=keep, version=cur.version,
                                        scanner_options={"with_row_address": True}))
+        if pair_rows is not None:
+            ds = ds.map_batches(_no_ref, batch_format="pyarrow").union(ray.data.from_arrow(pair_rows))
         ds = ds.map_batches(ImageEncoder, fn_constructor_args=(s, cur.version), batch_size=s.batch_size, batch_format="pyarrow",
                             concurrency=s.concurrency)
         ds.write_lance(lat_uri, schema=latent_schema(prov), mode="overwrite")
-    if _up_to_date(txt_uri, prov):
+    if txt_done:
         summary["skipped"].append("text")
     else:
         ds = limit(ray.data.read_lance(s.curated, columns=["id", "caption"], filter=keep, version=cur.version))
         ds = ds.map_batches(_explode_captions, batch_format="pyarrow",
                             fn_kwargs={"captions": s.captions, "captions_version": cap_ver})
+        if pair_texts is not None and pair_texts.num_rows:
+            ds = ds.union(ray.data.from_arrow(pair_texts))
         ds = ds.map_batches(CaptionEncoder, fn_constructor_args=(s,), batch_size=s.batch_size, batch_format="pyarrow",
                             concurrency=s.concurrency)
         null = pa.table({"id": [""], "kind": ["null"], "lang": ["und"], "text": [""], "length": pa.array([len(null_states)], pa.int32()),
@@ -199,6 +263,7 @@ def run_encode(s: EncodeSettings, progress: bool = True) -> dict:
         ds = ds.union(ray.data.from_arrow(null))
         ds.write_lance(txt_uri, schema=text_schema(prov), mode="overwrite")
     lat, txt = lance.dataset(lat_uri), lance.dataset(txt_uri)
-    summary.update(images=lat.count_rows(), captions=txt.count_rows() - 1, latents_version=lat.version,
+    summary.update(images=lat.count_rows(), captions=txt.count_rows() - 1,
+                   edit_pairs=0 if pair_rows is None else pair_rows.num_rows, latents_version=lat.version,
                    text_version=txt.version, seconds=round(time.time() - t0, 1))
     return summary

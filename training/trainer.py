@@ -36,13 +36,14 @@ def flow_args(cfg: TrainConfig, meta: dict) -> FlowArgs:
     f = cfg.flow
     return FlowArgs(logit_mean=f.logit_mean, logit_std=f.logit_std, shift_base_tokens=f.shift_base_tokens,
                     max_shift=f.max_shift, caption_dropout=f.caption_dropout, sefi=cfg.sefi.enabled,
-                    sefi_delta=cfg.sefi.delta, semantic_channels=int(meta.get("semantic_channels", 0)),
+                    sefi_delta=cfg.sefi.delta, semantic_channels=int(meta.get("semantic_channels", 0)) if cfg.sefi.enabled else 0,
                     semantic_loss_weight=cfg.sefi.semantic_loss_weight)
 
 
 def build_model(cfg: TrainConfig, meta: dict) -> MMDiT:
     over = {"depth": cfg.model.depth} if cfg.model.depth else {}
-    args = make_args(cfg.model.preset, in_channels=int(meta["latent_channels"]), patch_size=cfg.model.patch_size,
+    c = int(meta["latent_channels"]) - (0 if cfg.sefi.enabled else int(meta.get("semantic_channels", 0)))
+    args = make_args(cfg.model.preset, in_channels=c, patch_size=cfg.model.patch_size,
                      text_dim=int(meta["text_dim"]), num_timesteps=2 if cfg.sefi.enabled else 1, **over)
     return MMDiT(args)
 
@@ -119,7 +120,11 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # one CPU per Ray Train worker by default: don't oversubscribe
     meta = index.meta
+    # A SeFi cache trains a plain model too: the semantic channels are then dropped.
+    keep_c = int(meta["latent_channels"]) - (0 if cfg.sefi.enabled else int(meta.get("semantic_channels", 0)))
     fa = flow_args(cfg, meta)
 
     torch.manual_seed(cfg.data.seed)  # identical init on every rank before sharding
@@ -156,7 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
         for m in range(n_micro):
             sl = slice(m * micro, (m + 1) * micro)
             batch = fetch_batch(index, rows[sl], trows[sl], cfg.data.max_text_len, with_ref=plan.ti2i)
-            x1 = batch["latent"].to(device)
+            x1 = batch["latent"][:, :keep_c].to(device)
             refs = [batch["ref"].to(device)] if plan.ti2i else None
             # Noise, timesteps and caption dropout: a pure function of (seed, step, rank, micro-batch).
             gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.data.seed, step, rank, m]).generate_state(1)[0]))
@@ -198,13 +203,13 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and log_path:
             with open(log_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+        # Ray Train reports are a barrier across workers: only at checkpoints (the jsonl log has every
+        # logged step).
         if is_ckpt:
             sample = smoke_sample(model, index, cfg, fa, device, null) if done == cfg.steps else None
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(d, model, opt, sched, ema, done, sample)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step_{done:08d}")
-        else:
-            ray.train.report(metrics)
 
 
 def smoke_sample(model, index: LatentIndex, cfg: TrainConfig, fa: FlowArgs, device, null) -> torch.Tensor:
@@ -216,7 +221,8 @@ def smoke_sample(model, index: LatentIndex, cfg: TrainConfig, fa: FlowArgs, devi
     text_row = index.texts[r][0][0]
     batch = fetch_batch(index, [r, r], [text_row, text_row], cfg.data.max_text_len, with_ref=False)
     g = torch.Generator().manual_seed(cfg.data.seed)
-    noise = torch.randn(batch["latent"].shape, generator=g).to(device)
+    shape = (2, model.args.in_channels, *batch["latent"].shape[2:])
+    noise = torch.randn(shape, generator=g).to(device)
     model.eval()
     x = euler_sample(model, noise, batch["text"].to(device), batch["text_mask"].to(device), null, fa, steps=8, cfg=4.0)
     model.train()
