@@ -98,8 +98,8 @@ def build_items(source: Source, done: pa.Array | None, batch_rows: int, parallel
     if source.kind == "folder":
         items = list_folder(source.root)
         todo = drop_done(items, done)
-        # Several blocks per worker so the actor pool load-balances; never a single huge block.
-        step = max(1, min(batch_rows * 8, -(-todo.num_rows // max(1, parallelism * 4))))
+        # One batch per block, so idle actors pick up work until the very end (load balance).
+        step = max(1, min(batch_rows, -(-todo.num_rows // max(1, parallelism * 4))))
         blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)] or [todo]
         return ray.data.from_arrow(blocks), items.num_rows
     units = ray.data.from_items([{"unit": u} for u in source.units], override_num_blocks=len(source.units))
