@@ -9,6 +9,7 @@ schema decides validity; we check it again on our side (`PromptSet.validate`).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,10 @@ class PromptSet:
         system = (pdir / "system.txt").read_text().strip() if (pdir / "system.txt").is_file() else ""
         return cls(version=version, system=system, prompts=prompts, schemas=schemas)
 
+    @functools.cached_property
+    def _validators(self) -> dict[str, jsonschema.Draft202012Validator]:
+        return {kind: jsonschema.Draft202012Validator(schema) for kind, schema in self.schemas.items()}
+
     def messages(self, kind: str, image_jpeg: bytes) -> list[dict[str, Any]]:
         """OpenAI chat messages: the system prompt, then the image and the instruction for `kind`.
 
@@ -86,8 +91,7 @@ class PromptSet:
             value = json.loads(text)
         except json.JSONDecodeError as e:
             raise InvalidResponse("invalid_json", str(e)) from None
-        error = jsonschema.exceptions.best_match(
-            jsonschema.Draft202012Validator(self.schemas[kind]).iter_errors(value))
+        error = jsonschema.exceptions.best_match(self._validators[kind].iter_errors(value))
         if error is not None:
             path = "/".join(str(p) for p in error.absolute_path) or "<root>"
             raise InvalidResponse("schema", f"{path}: {error.message[:200]}")

@@ -8,6 +8,7 @@ Random weights emit junk until `max_tokens`; only a JSON schema with tight bound
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -16,8 +17,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    import lance
+    from PIL import Image
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -108,6 +114,49 @@ def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
     processor.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def synthetic_image(i: int, size: tuple[int, int] = (400, 320)) -> Image.Image:
+    """A smooth image with shapes (passes stage-1 entropy/noise checks), distinct per `i`."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(i)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    c0, c1 = rng.integers(0, 255, 3), rng.integers(0, 255, 3)
+    t = (x / w * np.cos(i) + y / h * np.sin(i))[..., None]
+    im = Image.fromarray((c0 * (1 - t) + c1 * t).clip(0, 255).astype("uint8"))
+    draw = ImageDraw.Draw(im)
+    for k in range(4):
+        x0, y0 = int(rng.integers(0, w * 4 // 5)), int(rng.integers(0, h * 4 // 5))
+        box = [x0, y0, x0 + int(rng.integers(w // 12, w // 3)), y0 + int(rng.integers(h // 12, h // 3))]
+        (draw.ellipse if k % 2 else draw.rectangle)(box, fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    if i % 3 == 0:
+        draw.text((20, 20), f"SALE {i}", fill=(0, 0, 0))
+    return im
+
+
+def jpeg(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_curated(uri: str | Path, keep: list[bool], images: list[bytes | None] | None = None) -> lance.LanceDataset:
+    """A curated table following curation/schema.SCHEMA (image as a Lance blob column)."""
+    import lance
+    import pyarrow as pa
+
+    from curation.schema import SCHEMA as CURATED_SCHEMA
+
+    n = len(keep)
+    images = images if images is not None else [jpeg(synthetic_image(i, (96, 80))) for i in range(n)]
+    cols = {f.name: pa.nulls(n, f.type) for f in CURATED_SCHEMA}
+    cols.update(id=pa.array([f"id{i:03d}" for i in range(n)]), uri=pa.array([f"mem://{i}" for i in range(n)]),
+                keep=pa.array(keep), reject_reason=pa.array([None if k else "entropy" for k in keep]),
+                image=pa.array(images, pa.large_binary()))
+    return lance.write_dataset(pa.table(cols, schema=CURATED_SCHEMA), str(uri), mode="create")
 
 
 def free_port() -> int:
