@@ -74,6 +74,15 @@ def test_every_input_is_one_row_with_scores_and_reason(stage1_out):
     assert summary.reasons["broken"] == 5 and sum(summary.reasons.values()) == df.height
 
 
+def test_output_queryable_with_duckdb(stage1_out):
+    import duckdb
+
+    out, summary, *_ = stage1_out
+    ds = lance.dataset(str(out))  # noqa: F841 - DuckDB scans the local variable by name
+    got = dict(duckdb.sql("select coalesce(reject_reason, 'kept'), count(*) from ds group by 1").fetchall())
+    assert got == summary.reasons
+
+
 def test_kept_rows_carry_their_image_bytes(stage1_out):
     from curation.table import load_image, read_images, read_kept
 
