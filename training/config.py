@@ -209,6 +209,11 @@ def _coerce(tp, value, name: str):
         _check(isinstance(value, list | tuple) and len(value) == len(args), name, f"expected a list of {len(args)}")
         return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string: accept plain numerals
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, int | float) and not isinstance(value, bool), name, f"expected a number, got {value!r}")
         return float(value)
     if tp is int:
