@@ -125,6 +125,9 @@ class TrainConfig:
     use_gpu: bool = False
     max_failures: int = 3
     """Worker failures Ray Train recovers from by restarting from the latest checkpoint."""
+    init_from: str | None = None
+    """A previous stage's checkpoint directory: its model (and EMA) weights start this stage; the
+    optimizer and schedule start fresh. Ignored when this run resumes from its own checkpoint."""
     fault_injection_step: int | None = None
     """Testing failure recovery: rank 1 raises before this step on a run that did not resume."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -9,6 +9,7 @@ clip, step, update the EMA, log the all-reduced loss, and every ``ckpt_every`` s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from training.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from training.data import LatentIndex, build_index, fetch_batch, null_text, plan_step
@@ -110,6 +117,16 @@ def load_checkpoint(d: str, model, opt, sched, ema) -> int:
     return int(ts["step"])
 
 
+def load_weights(d: str, model, ema) -> None:
+    """Model weights only (stage to stage): resharded by DCP to this run's world size."""
+    msd = get_model_state_dict(model)
+    dcp.load({"model": msd}, checkpoint_id=d)
+    set_model_state_dict(model, msd)
+    if ema is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(ema, [p.detach() for p in model.parameters()])
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -141,6 +158,8 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             start = load_checkpoint(d, model, opt, sched, ema)
+    elif cfg.init_from:
+        load_weights(cfg.init_from, model, ema)
     null = tuple(t.to(device) for t in null_text(index, cfg.data.max_text_len))
 
     per_rank = cfg.data.global_batch_size // world
@@ -232,9 +251,22 @@ def smoke_sample(model, index: LatentIndex, cfg: TrainConfig, fa: FlowArgs, devi
 # ---------------------------------------------------------------- driver
 
 
+def resolve_init_from(path: str) -> str:
+    """A checkpoint dir (has DCP ``.metadata``) or a run dir: its latest ``step_*`` checkpoint."""
+    p = Path(path)
+    if (p / ".metadata").is_file():
+        return str(p)
+    steps = sorted(q for q in p.glob("step_*") if (q / ".metadata").is_file())
+    if not steps:
+        raise ConfigError(f"init_from: no checkpoint at {path} (neither a DCP checkpoint nor a run dir with step_*)")
+    return str(steps[-1])
+
+
 def fit(cfg: TrainConfig, data: str, storage: str, log_path: str | None = None):
     """Build the index (Ray Data), check it against the config, and run the TorchTrainer. Rerunning
     with the same ``storage`` and ``cfg.name`` resumes from the latest checkpoint."""
+    if cfg.init_from:
+        cfg = dataclasses.replace(cfg, init_from=resolve_init_from(cfg.init_from))
     index = build_index(data)
     check_against_cache(cfg, index)
     if log_path:
