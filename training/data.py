@@ -130,7 +130,10 @@ class LatentIndex:
     def pools(self, ti2i: bool) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         """Bucket keys, the eligible latent rows per bucket, and bucket probabilities (by size)."""
         if ti2i not in self._pools:
-            has_text = np.array([bool(t) for t in self.texts])
+            # T2I draws rows with a caption (TI2I pair rows carry only their edit instruction);
+            # TI2I draws pair rows with a reference latent and an instruction.
+            kinds = ("instruction",) if ti2i else T2I_KINDS
+            has_text = np.array([any(k in kinds for _, k, _ in t) for t in self.texts], dtype=bool)
             eligible = np.flatnonzero(has_text & self.has_ref if ti2i else has_text)
             if len(eligible) == 0:
                 what = "TI2I rows (with ref_latent)" if ti2i else "rows with a caption"
