@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.flow import FlowArgs, euler_sample, flow_loss, per_channel_t, resolution_shift, sample_t, sefi_timesteps
+from training.flow import (
+    FlowArgs,
+    euler_sample,
+    flow_loss,
+    per_channel_t,
+    resolution_shift,
+    sample_t,
+    sefi_timesteps,
+)
 
 
 def test_logit_normal_timesteps_in_unit_interval_centred_without_shift():
