@@ -128,8 +128,8 @@ def main(argv=None) -> int:
           f"{a.resolution}px -> {t_img} image + {t_txt} text tokens x batch {a.batch}; "
           f"{'bf16 autocast' if cuda else 'fp32'}, compile={compile_}, ac={a.ac}{mem}")
     print(f"step: {step_s * 1e3:.1f} ms (median of {a.steps}); tokens/s: {tokens / step_s:,.0f}; samples/s: {a.batch / step_s:.1f}")
-    print(f"FLOPs/step: {flops * a.batch / 1e12:.2f} TFLOP (attention {attn / flops:.1%}); achieved {achieved / 1e12:.1f} TFLOP/s "
-          f"of {peak:.1f} peak{' (stated CPU peak: cores x 2.5 GHz x 32 FLOP/cycle)' if not cuda and not a.peak_tflops else ''}")
+    print(f"FLOPs/step: {flops * a.batch / 1e12:.4g} TFLOP (attention {attn / flops:.1%}); achieved {achieved / 1e12:.4g} TFLOP/s "
+          f"of {peak:.4g} peak{' (stated CPU peak: cores x 2.5 GHz x 32 FLOP/cycle)' if not cuda and not a.peak_tflops else ''}")
     print(f"naive 6*N*T count (every token charged both streams) would claim mfu {naive * a.batch / step_s / (peak * 1e12):.2f}")
     print(f"mfu: {achieved / (peak * 1e12):.2f}")
     return 0
