@@ -3,8 +3,8 @@
     ray job submit --working-dir . -- python jobs/train.py --config configs/train/pretrain_256.yaml \
         --data data/cache_256 --workers 64 --gpu
 
-Checkpoints, the metrics log (metrics.jsonl: loss, grad norm, lr, tokens/s) and a smoke sample go to
-<storage>/<name>/. Rerunning the same command resumes from the latest checkpoint; worker failures
+Checkpoints, the metrics log (metrics.jsonl: loss, grad norm, lr, tokens/s), a smoke sample and an
+HTML report (report.html) go to <storage>/<name>/. Rerunning the same command resumes from the latest checkpoint; worker failures
 restart from it automatically (max_failures).
 """
 
@@ -61,9 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = {"name": cfg.name, "stage": cfg.stage, "metrics": result.metrics, "metrics_log": log_path,
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    png = None
     if result.checkpoint and local:
         png = write_sample_png(result.checkpoint.path, a.data, Path(storage, cfg.name, "sample.png"))
         summary["sample"] = png
+    if Path(log_path).is_file():
+        from training.report import write_report
+
+        summary["report"] = str(write_report(log_path, Path(log_path).with_name("report.html"), f"{cfg.name}: {cfg.stage}", png))
     print(json.dumps(summary, indent=1, default=str))
     return 0
 

@@ -288,8 +288,9 @@ class MMDiT(nn.Module):
                 r = F.pad(r, (0, 0, 0, 0, 0, a.in_channels - r.shape[1]))
             tokens.append(self.patchify(r))
             grids.append((i + 1, r.shape[2] // p, r.shape[3] // p))
-        xi = self.x_embed(torch.cat(tokens, 1))
-        xt = self.txt_embed(self.txt_norm(text))
+        dt = self.x_embed.weight.dtype  # bf16 under FSDP2 mixed precision; t stays fp32 (embedder)
+        xi = self.x_embed(torch.cat(tokens, 1).to(dt))
+        xt = self.txt_embed(self.txt_norm(text.to(dt)))
         pos_i, pos_t = msrope_positions(grids, text.shape[1], device=x.device)
         rope = rope_cos_sin(torch.cat([pos_i, pos_t]), self.rope_axes, a.rope_theta)
         mask = None

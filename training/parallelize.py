@@ -31,5 +31,8 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, distributed: bool = True)
     for i, block in enumerate(model.blocks):
         # The last block's parameters are needed again at the start of backward: keep them gathered.
         fully_shard(block, reshard_after_forward=i < n - 1, **kw)
-    fully_shard(model, **kw)
+    # The root must not cast its inputs: the timesteps would be rounded to bf16 (3 significant digits)
+    # before the sinusoidal embedding. The model casts latents and text states itself.
+    root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    fully_shard(model, **({"mp_policy": root_mp} if mp else {}))
     return model

@@ -196,6 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
             tokens += x1.shape[0] * (img_tok + batch["text"].shape[1])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
+        lr_used = opt.param_groups[0]["lr"]
         sched.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
@@ -212,16 +213,21 @@ def train_loop_per_worker(config: dict) -> None:
         now = time.perf_counter()
         steps_since = done - last_logged
         metrics = {"step": done, "loss": logged[0].item() / world, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                   "lr": sched.get_last_lr()[0], "ti2i": plan.ti2i, "bucket": f"{plan.bucket[0]}x{plan.bucket[1]}",
+                   "lr": lr_used, "ti2i": plan.ti2i, "bucket": f"{plan.bucket[0]}x{plan.bucket[1]}",
                    "tokens_per_s": logged[-1].item() * steps_since / max(1e-9, now - t_last),
                    "samples_per_s": cfg.data.global_batch_size * steps_since / max(1e-9, now - t_last),
                    "non_embedding_params": n_params, "resumed_from": start}
         for i, k in enumerate(parts_sum):
             metrics[k] = logged[1 + i].item() / world
         t_last, last_logged = now, done
-        if rank == 0 and log_path:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        if rank == 0:
+            parts_txt = "".join(f" {k} {metrics[k]:.4f}" for k in parts_sum if k != "loss")
+            print(f"[{cfg.name}] step {done}/{cfg.steps} loss {metrics['loss']:.4f}{parts_txt} grad_norm {metrics['grad_norm']:.3f} "
+                  f"lr {metrics['lr']:.2e} {metrics['bucket']}{' ti2i' if plan.ti2i else ''} tokens/s {metrics['tokens_per_s']:,.0f}",
+                  flush=True)
+            if log_path:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
         # Ray Train reports are a barrier across workers: only at checkpoints (the jsonl log has every
         # logged step).
         if is_ckpt:

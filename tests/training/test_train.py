@@ -43,6 +43,10 @@ def test_injected_worker_failure_restarts_from_checkpoint_and_reproduces_next_st
     assert len(list(ckpt.glob("__*_0.distcp"))) == 2  # one shard file per FSDP rank
     sample = np.load(ckpt / "sample_latent.npy")
     assert sample.shape[1] == 6 and np.isfinite(sample).all()  # composite latent: 4 texture + 2 semantic
+    from training.report import write_report
+
+    page = write_report(log, tmp_path / "report.html", "resume").read_text()
+    assert page.count("data:image/png;base64,") == 1 and "restarts from checkpoint at</th><td>3" in page
 
 
 def test_overfit_on_a_handful_of_images_drives_the_loss_down(cache, tmp_path):
