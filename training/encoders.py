@@ -27,13 +27,22 @@ QWEN_TEMPLATE = (
 
 
 def _resolve(path: str, flag: str) -> str:
-    """A local directory, or a hub id only if it is already in the local HF cache."""
+    """A local directory, or something shaped like a hub id (``org/name``), which from_pretrained
+    resolves (from the local HF cache when offline); anything else fails naming the flag."""
     p = Path(path).expanduser()
     if p.exists():
         return str(p)
-    if "/" in path and not path.startswith((".", "/")):
-        return path  # a model id: from_pretrained resolves it (offline: from the local cache)
+    if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        return path
     raise FileNotFoundError(f"{flag}: model path {path} does not exist (set {flag} to a local directory or model id)")
+
+
+def _from_pretrained(flag: str, path: str, fn, *args, **kw):
+    try:
+        return fn(path, *args, **kw)
+    except OSError as e:  # hub id not downloadable / not cached, or a directory without weights
+        raise FileNotFoundError(f"{flag}: cannot load {path} ({str(e).splitlines()[0]}); set {flag} to a local "
+                                "model directory or a model id in the local Hugging Face cache") from None
 
 
 def _class_name(path: str) -> str | None:
@@ -61,7 +70,7 @@ class VAE:
         path = _resolve(path, flag)
         kind = _class_name(path) or "AutoencoderKL"
         klass = diffusers.AutoencoderKLQwenImage if kind == "AutoencoderKLQwenImage" else diffusers.AutoencoderKL
-        model = klass.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+        model = _from_pretrained(flag, path, klass.from_pretrained, torch_dtype=dtype).to(device).eval()
         cfg = model.config
         if kind == "AutoencoderKLQwenImage":
             c = cfg.z_dim
@@ -112,9 +121,9 @@ class TextEncoder:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = _resolve(path, flag)
-        cfg = AutoConfig.from_pretrained(path)
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
+        cfg = _from_pretrained(flag, path, AutoConfig.from_pretrained)
+        tok = _from_pretrained(flag, path, AutoTokenizer.from_pretrained)
+        model = _from_pretrained(flag, path, AutoModel.from_pretrained, dtype=dtype).to(device).eval()
         text_cfg = getattr(cfg, "text_config", cfg)
         if template is None:
             # The chat template only makes sense for tokenizers that know Qwen's special tokens.
@@ -162,7 +171,7 @@ class SemanticEncoder:
         from transformers import AutoModel
 
         path = _resolve(path, flag)
-        model = AutoModel.from_pretrained(path).to(device).eval()
+        model = _from_pretrained(flag, path, AutoModel.from_pretrained).to(device).eval()
         cfg = getattr(model.config, "vision_config", model.config)
         g = torch.Generator().manual_seed(seed)
         q, _ = torch.linalg.qr(torch.randn(cfg.hidden_size, channels, generator=g))

@@ -53,7 +53,8 @@ def test_overfit_on_a_handful_of_images_drives_the_loss_down(cache, tmp_path):
     from training.trainer import fit
 
     cfg = load_config(CONFIG, ["name=overfit", "steps=40", "ckpt_every=40", "log_every=1", "flow.caption_dropout=0.0",
-                               "optim.lr=3e-3", "optim.warmup_steps=5", "data.global_batch_size=12"])
+                               "optim.lr=3e-3", "optim.warmup_steps=5", "data.global_batch_size=12",
+                               "data.micro_batch_size=3"])  # 2 accumulation micro-steps per worker
     log = tmp_path / "metrics.jsonl"
     fit(cfg, cache["dir"], str(tmp_path / "runs"), str(log))
     losses = [r["loss"] for r in _log(log)]
