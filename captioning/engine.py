@@ -44,10 +44,16 @@ def engine_processor_config(cfg: CaptionConfig):
         extra["placement_group_config"] = {"bundles": [{"CPU": 1, "GPU": 0}]}
     return vLLMEngineProcessorConfig(
         model_source=cfg.model,
+        # Ray installs uvloop in its workers; uvloop >= 0.22 raises from get_event_loop() where
+        # Ray Data's async UDF setup (ray.data.llm's multimodal stage) expects a loop to be created.
+        runtime_env={"env_vars": {"RAY_USE_UVLOOP": "0"}},
         engine_kwargs=engine_kwargs,
         batch_size=cfg.engine_batch_size,
         concurrency=cfg.num_gpus,
-        prepare_multimodal_stage={"enabled": True, "chat_template_content_format": "openai"},
+        # prepare_image_stage decodes the data-URL images of the shared messages into the engine's
+        # `image` input. (ray 2.54.1's prepare_multimodal_stage imports vllm.entrypoints.chat_utils,
+        # which vLLM 0.32 moved to vllm.renderers, so it cannot load there.)
+        prepare_image_stage=True,
         chat_template_stage=True,
         tokenize_stage=False,
         detokenize_stage=False,
@@ -146,7 +152,8 @@ def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, 
     from captioning.pipeline import _count, result_row
 
     if not ray.is_initialized():
-        ray.init(num_cpus=cfg.ray_num_cpus, ignore_reinit_error=True)
+        ray.init(num_cpus=cfg.ray_num_cpus, ignore_reinit_error=True,
+                 runtime_env={"env_vars": {"RAY_USE_UVLOOP": "0"}})
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
     rows = _todo(src, done, summary)
     processor = build_processor(

@@ -1,0 +1,73 @@
+"""The in-cluster (ray.data.llm) path: config, request construction and answer checks shared with the
+server mode. Running vLLM engines inside Ray Data needs a GPU normally; see test_vllm_integration.py
+for what runs here."""
+
+import json
+
+import lance
+import pytest
+from conftest import SERVED, TINY_ANSWERS, TINY_PROMPTS, jpeg, synthetic_image, write_curated
+
+from captioning.client import chat_body, request_seed
+from captioning.config import load_config
+from captioning.engine import ReadImages, engine_answer, engine_processor_config, engine_request, judge
+from captioning.prompts import PromptSet
+
+pytest.importorskip("ray.data.llm", reason="ray.data.llm needs ray's llm dependencies (boto3)")
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config(input=str(tmp_path / "c.lance"), output=str(tmp_path / "o.lance"), model="/models/qwen-vl",
+                       num_gpus=4, tensor_parallel_size=2, engine_batch_size=32, max_tokens=100,
+                       route_max_tokens=20, **TINY_PROMPTS)
+
+
+def test_processor_config_runs_one_engine_per_gpu_group_with_structured_outputs(cfg):
+    config = engine_processor_config(cfg)
+    assert config.model_source == "/models/qwen-vl"
+    assert config.concurrency == 4 and config.batch_size == 32
+    assert config.engine_kwargs["tensor_parallel_size"] == 2
+    assert config.engine_kwargs["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+    assert config.engine_kwargs["structured_outputs_config"]["backend"] == "xgrammar"
+    assert config.should_continue_on_error  # an engine error becomes a failed row, not a lost batch
+    assert config.runtime_env["env_vars"]["RAY_USE_UVLOOP"] == "0"
+
+
+def test_engine_requests_carry_the_same_messages_and_schema_as_server_requests(cfg):
+    prompts = PromptSet.load(cfg.prompt_root, cfg.prompt_version)
+    image = jpeg(synthetic_image(3, (64, 64)))
+    seed = request_seed(cfg, "id7", 1)
+    req = engine_request(prompts, cfg, {"id": "id7", "kind": "general", "image": image, "seed": seed})
+    body = chat_body(prompts, cfg, "general", image, seed)
+    assert req["messages"] == body["messages"]
+    assert req["sampling_params"]["structured_outputs"] == {"json": body["response_format"]["json_schema"]["schema"]}
+    assert req["sampling_params"]["max_tokens"] == body["max_tokens"] == 100
+    assert req["sampling_params"]["seed"] == body["seed"] == seed
+    route = engine_request(prompts, cfg, {"id": "id7", "kind": "route", "image": image, "seed": seed})
+    assert route["sampling_params"]["max_tokens"] == 20
+
+
+def test_engine_answers_get_the_same_checks_as_http_answers(cfg):
+    prompts = PromptSet.load(cfg.prompt_root, cfg.prompt_version)
+
+    def answer(text, tokens=10, error=""):
+        return engine_answer({"id": "a", "kind": "route", "generated_text": text, "num_generated_tokens": tokens,
+                              "__inference_error__": error})
+
+    good = judge(prompts, cfg, answer(json.dumps(TINY_ANSWERS["route"])), 1)
+    assert good.ok and good.value == TINY_ANSWERS["route"]
+    assert judge(prompts, cfg, answer('{"has_text": tr', tokens=20), 2).error_kind == "length"
+    assert judge(prompts, cfg, answer('{"has_text": true}'), 1).error_kind == "schema"
+    assert judge(prompts, cfg, answer("{\x01"), 1).error_kind == "invalid_json"
+    assert judge(prompts, cfg, answer("", error="CUDA OOM"), 1).error_kind == "engine"
+
+
+def test_images_are_read_by_row_address_from_the_pinned_version(tmp_path):
+    images = [jpeg(synthetic_image(i, (64, 48))) for i in range(4)]
+    src = write_curated(tmp_path / "c.lance", [True, False, True, True], images)
+    addrs = src.to_table(columns=["id"], filter="keep = true", with_row_address=True).column("_rowaddr").to_pylist()
+    lance.dataset(tmp_path / "c.lance").delete("id = 'id000'")  # a newer version without one of the rows
+    out = ReadImages(str(tmp_path / "c.lance"), src.version)({"id": ["id000", "id002", "id003"], "addr": addrs})
+    assert out["image"] == [images[0], images[2], images[3]]
+    assert SERVED  # the tiny model name is shared with the integration tests
