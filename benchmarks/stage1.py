@@ -1,6 +1,6 @@
 """Stage-1 throughput against a bare Pillow decode, measured in the same run.
 
-    python benchmarks/stage1.py [--n 4000] [--workdir data/bench]
+    python benchmarks/stage1.py [--n 10000] [--workdir data/bench]
 
 (a) baseline: ``Image.open(f).convert("RGB")`` of every file with a multiprocessing pool, one
     process per core;
@@ -110,7 +110,7 @@ def dedup_scaling(base: np.ndarray, max_hamming: int) -> list[tuple[int, float]]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=4000, help="corpus size (>= 2000)")
+    ap.add_argument("--n", type=int, default=10_000, help="corpus size (>= 2000)")
     ap.add_argument("--workdir", default="data/bench")
     ap.add_argument("--model-subset", type=int, default=400, help="images for the CLIP+NSFW run")
     args = ap.parse_args()

@@ -21,7 +21,7 @@ from .config import ConfigError, StageConfig
 from .decide import apply_decisions
 from .readers import Columns, Source, drop_done, expand_unit, list_folder, resolve_input
 from .schema import SCORING_SCHEMA
-from .stage1 import Stage1Scorer, preflight
+from .stage1 import Stage1Scorer, needs_actors, preflight, score_task
 
 
 @dataclass
@@ -139,12 +139,16 @@ def run_stage(input_spec: str, output: str, cfg: StageConfig, skipped: tuple[str
     workers = cfg.num_workers or max(1, int(cpus // max(cfg.cpus_per_worker, 1e-3)))
 
     items, n_items = build_items(source, done, cfg.batch_size, workers)
-    scored = items.map_batches(
-        Stage1Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None,
-        fn_constructor_kwargs={"cfg": cfg, "skipped": skipped, "output_uri": output,
-                               "score_hash": score_hash, "storage_options": storage_options})
+    kwargs = {"cfg": cfg, "skipped": skipped, "output_uri": output, "score_hash": score_hash,
+              "storage_options": storage_options}
+    if needs_actors(skipped):
+        scored = items.map_batches(
+            Stage1Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.cpus_per_worker,
+            num_gpus=cfg.gpus_per_worker or None, fn_constructor_kwargs=kwargs)
+    else:
+        scored = items.map_batches(score_task, batch_size=cfg.batch_size, batch_format="pyarrow",
+                                   num_cpus=cfg.cpus_per_worker, fn_kwargs=kwargs)
 
     t_score = time.time()
     version, pending, pending_rows, scored_now = ds_out.version, [], 0, 0

@@ -161,3 +161,24 @@ class Stage1Scorer:
             "rows": pa.array([f.num_rows for f in frags], pa.int64()),
             "pid": pa.array([os.getpid()] * len(frags), pa.int64()),
         })
+
+
+# Per-process cache for the task path: a Ray worker process that runs several scoring tasks builds
+# its scorer (tokenizer) once, as an actor would, without waiting for dedicated actor processes.
+_TASK_SCORERS: dict[tuple, Stage1Scorer] = {}
+
+
+def score_task(batch: pa.Table, cfg: StageConfig, skipped: tuple[str, ...], output_uri: str,
+               score_hash: str, storage_options: dict | None = None) -> pa.Table:
+    """Ray Data task entry point for runs without torch/ONNX models (model-free chain): Ray's
+    prestarted workers pick batches up at once, where an actor pool first spawns and imports."""
+    key = (output_uri, score_hash)
+    if key not in _TASK_SCORERS:
+        _TASK_SCORERS.clear()
+        _TASK_SCORERS[key] = Stage1Scorer(cfg, skipped, output_uri, score_hash, storage_options)
+    return _TASK_SCORERS[key](batch)
+
+
+def needs_actors(skipped: tuple[str, ...]) -> bool:
+    """Model-backed scorers (CLIP, NudeNet) load once per actor; without them tasks are cheaper."""
+    return "clip" not in skipped or "nsfw" not in skipped
