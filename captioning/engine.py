@@ -79,10 +79,14 @@ def engine_request(prompts: PromptSet, cfg: CaptionConfig, row: dict[str, Any]) 
 
 
 def engine_answer(row: dict[str, Any]) -> dict[str, Any]:
-    """ray.data.llm postprocess: keep what the driver validates (text and generated length)."""
-    return {"id": row["id"], "kind": row["kind"], "text": row.get("generated_text") or "",
-            "num_tokens": int(row.get("num_generated_tokens") or 0),
-            "error": row.get("__inference_error__") or ""}
+    """ray.data.llm postprocess: keep what the driver validates (text and generated length).
+
+    Rows whose inference failed bypass postprocess (should_continue_on_error), so the driver applies
+    this again to every row it receives; it is idempotent.
+    """
+    return {"id": row["id"], "kind": row["kind"], "text": row.get("generated_text", row.get("text")) or "",
+            "num_tokens": int(row.get("num_generated_tokens", row.get("num_tokens")) or 0),
+            "error": row.get("__inference_error__", row.get("error")) or ""}
 
 
 def judge(prompts: PromptSet, cfg: CaptionConfig, answer: dict[str, Any], attempts: int) -> Outcome:
@@ -141,7 +145,8 @@ def _generate(processor, cfg: CaptionConfig, src: lance.LanceDataset,
     ds = ds.map_batches(ReadImages, fn_constructor_kwargs={"uri": cfg.input, "version": src.version},
                         batch_size=cfg.engine_batch_size, compute=ray.data.ActorPoolStrategy(size=1))
     ds = processor(ds)
-    yield from ds.iter_rows()
+    for row in ds.iter_rows():
+        yield engine_answer(row)
 
 
 def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, done: set[str],
