@@ -249,11 +249,14 @@ class MMDiT(nn.Module):
         self.init_weights()
 
     def init_weights(self):
+        # Initialises every parameter, so it also works after ``to_empty`` (meta-device construction).
         def _xavier(m):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
 
         self.apply(_xavier)
         for e in self.t_embed:

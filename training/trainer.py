@@ -144,10 +144,18 @@ def train_loop_per_worker(config: dict) -> None:
     keep_c = int(meta["latent_channels"]) - (0 if cfg.sefi.enabled else int(meta.get("semantic_channels", 0)))
     fa = flow_args(cfg, meta)
 
-    torch.manual_seed(cfg.data.seed)  # identical init on every rank before sharding
-    model = build_model(cfg, meta).to(device)
+    # Built on the meta device and initialised after sharding (torchtitan style), so no rank ever holds
+    # the full model: the 22.5B preset would need 90 GB per rank otherwise. Each rank draws its own
+    # shard's values (the init is i.i.d. per element, so seed + rank gives the same distribution;
+    # on CUDA meshes DTensor's RNG tracker makes it match a full-tensor init exactly).
+    with torch.device("meta"):
+        model = build_model(cfg, meta)
     n_params = count_params(model)
     parallelize(model, cfg.parallel, distributed=True)
+    model.to_empty(device=device)
+    torch.manual_seed(cfg.data.seed + rank)
+    with torch.no_grad():
+        model.init_weights()
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))

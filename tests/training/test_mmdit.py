@@ -106,3 +106,19 @@ def test_every_preset_is_constructible():
             MMDiT(make_args(name, in_channels=16, text_dim=64))
     with pytest.raises(ValueError, match="model.preset"):
         make_args("huge")
+
+
+def test_init_weights_sets_every_parameter_after_meta_construction():
+    """The trainer builds on the meta device and calls init_weights after to_empty: nothing may be
+    left as uninitialised memory."""
+    with torch.device("meta"):
+        m = MMDiT(make_args("tiny", in_channels=4, text_dim=16, num_timesteps=2))
+    m.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float("nan"))
+        m.init_weights()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert m.txt_norm.weight.eq(1).all() and m.blocks[0].img.q_norm.weight.eq(1).all()
+    assert m.blocks[1].txt.mod.weight.eq(0).all() and m.final.linear.weight.eq(0).all()
+    assert m.blocks[0].img.qkv.weight.std() > 0
