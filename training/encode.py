@@ -237,6 +237,7 @@ def run_encode(s: EncodeSettings, progress: bool = True) -> dict:
         del vae, enc
 
     keep = "keep = true"
+    gpus = 1 if s.device.startswith("cuda") else 0  # one GPU per encoder actor
     limit = (lambda d: d.limit(s.limit)) if s.limit else (lambda d: d)
     if lat_done:
         summary["skipped"].append("latents")
@@ -246,7 +247,7 @@ def run_encode(s: EncodeSettings, progress: bool = True) -> dict:
         if pair_rows is not None:
             ds = ds.map_batches(_no_ref, batch_format="pyarrow").union(ray.data.from_arrow(pair_rows))
         ds = ds.map_batches(ImageEncoder, fn_constructor_args=(s, cur.version), batch_size=s.batch_size, batch_format="pyarrow",
-                            concurrency=s.concurrency)
+                            concurrency=s.concurrency, num_gpus=gpus)
         ds.write_lance(lat_uri, schema=latent_schema(prov), mode="overwrite")
     if txt_done:
         summary["skipped"].append("text")
@@ -257,7 +258,7 @@ def run_encode(s: EncodeSettings, progress: bool = True) -> dict:
         if pair_texts is not None and pair_texts.num_rows:
             ds = ds.union(ray.data.from_arrow(pair_texts))
         ds = ds.map_batches(CaptionEncoder, fn_constructor_args=(s,), batch_size=s.batch_size, batch_format="pyarrow",
-                            concurrency=s.concurrency)
+                            concurrency=s.concurrency, num_gpus=gpus)
         null = pa.table({"id": [""], "kind": ["null"], "lang": ["und"], "text": [""], "length": pa.array([len(null_states)], pa.int32()),
                          "states": pa.array([to_bytes(null_states)], pa.large_binary())})
         ds = ds.union(ray.data.from_arrow(null))
