@@ -27,13 +27,18 @@ def _flip_masks(bits: int, radius: int) -> np.ndarray:
     return np.array(masks, dtype=np.uint64)
 
 
+# A candidate pair (gather, xor, popcount, filter) costs several times a probe's lookup.
+_PAIR_COST = 8.0
+
+
 def _choose_bands(n: int, d: int) -> int:
-    """Bands m minimising probes*n + expected candidate pairs, for n uniform hashes."""
+    """Bands m minimising lookups + weighted candidate pairs for n uniform hashes: 16-bit bands up
+    to ~10^5 hashes, 21-bit bands beyond, so the pair term never turns quadratic."""
     best, best_cost = 1, math.inf
-    for m in range(1, min(d + 1, 16) + 1):
+    for m in range(2, min(d + 1, 8) + 1):
         bits = 64 // m
         probes = sum(math.comb(bits, r) for r in range(d // m + 1))
-        cost = m * probes * (n + n * n / 2.0**bits)
+        cost = m * probes * (n + _PAIR_COST * n * n / 2.0**bits)
         if cost < best_cost:
             best, best_cost = m, cost
     return best
