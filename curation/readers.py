@@ -62,8 +62,9 @@ class Source:
     columns: Columns = Columns()
 
 
-def resolve_input(spec: str, columns: Columns = Columns()) -> Source:
+def resolve_input(spec: str, columns: Columns | None = None) -> Source:
     """Work out what ``--input`` is; raise a one-line ConfigError for a missing or empty input."""
+    columns = columns or Columns()
     if not spec:
         raise ConfigError("--input is required")
     p = Path(spec).expanduser()

@@ -109,7 +109,7 @@ def build_items(source: Source, done: pa.Array | None, batch_rows: int, parallel
 
 
 def run_stage(input_spec: str, output: str, cfg: StageConfig, skipped: tuple[str, ...] = (),
-              commit_every: int = 10_000, columns: Columns = Columns(), progress: bool = True,
+              commit_every: int = 10_000, columns: Columns | None = None, progress: bool = True,
               report: bool = True, storage_options: dict | None = None, num_cpus: int | None = None) -> RunSummary:
     import ray
     from ray.data import DataContext
@@ -117,7 +117,7 @@ def run_stage(input_spec: str, output: str, cfg: StageConfig, skipped: tuple[str
     t0 = time.time()
     if commit_every < 1:
         raise ConfigError(f"--commit-every must be >= 1, got {commit_every}")
-    source = resolve_input(input_spec, columns)
+    source = resolve_input(input_spec, columns or Columns())
     score_hash = cfg.score_hash(skipped)
     existing = check_output(output, cfg, score_hash, storage_options)
     preflight(cfg, skipped)  # a missing model stops here, before any data is read

@@ -111,7 +111,6 @@ class ClipScorer:
 
     def _load(self):
         import open_clip
-        import torch
 
         cfg = self.cfg
         if cfg.model_config:

@@ -3,7 +3,6 @@ copies found while distinct photos stay apart."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from PIL import ImageEnhance
