@@ -154,7 +154,7 @@ def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, 
     import ray
     from ray.data.llm import build_processor
 
-    from captioning.pipeline import _count, result_row
+    from captioning.pipeline import count_row, result_row
 
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, ignore_reinit_error=True,
@@ -180,7 +180,7 @@ def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, 
                 st.captions.setdefault(t, Outcome(t, 0, error_kind="engine", error=lost))
         row = result_row(cfg, row_id, st.route, list(st.captions.values()), src.version)
         writer.add(row)
-        _count(summary, row)
+        count_row(summary, row)
         if len(writer.rows) >= cfg.commit_every:
             writer.commit(writer.take())
 

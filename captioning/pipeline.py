@@ -206,7 +206,7 @@ def failed_row(cfg: CaptionConfig, row_id: str, kind: str, error: str, source_ve
     return result_row(cfg, row_id, Outcome(ROUTE, 0, error_kind=kind, error=error), [], source_version)
 
 
-def _count(summary: RunSummary, row: dict[str, Any]) -> None:
+def count_row(summary: RunSummary, row: dict[str, Any]) -> None:
     summary.captioned += 1
     summary.requests += row["attempts"]
     if row["caption_status"] == STATUS_OK:
@@ -223,8 +223,9 @@ async def _run_server(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDa
                       writer: CaptionWriter, summary: RunSummary) -> None:
     await check_server(cfg)
     client = CaptionClient(cfg, prompts)
-    # Enough rows in flight to keep every request slot busy (a row waits on its routing answer).
-    window = asyncio.Semaphore(2 * cfg.concurrency)
+    # Rows in flight: enough that every request slot stays busy while rows wait on their routing
+    # answers, and that the end of a run is not a long route -> caption chain on a few rows.
+    window = asyncio.Semaphore(4 * cfg.concurrency)
     commit_lock = asyncio.Lock()
     tasks: set[asyncio.Task] = set()
     bar = tqdm(desc="captioning", unit="row", disable=not cfg.progress)
@@ -249,7 +250,7 @@ async def _run_server(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDa
         finally:
             window.release()
         writer.add(row)
-        _count(summary, row)
+        count_row(summary, row)
         bar.update(1)
         if len(writer.rows) >= cfg.commit_every:
             await flush()

@@ -161,3 +161,8 @@ def test_cli_prints_failures_by_reason_and_exits_zero(tmp_path, capsys, scripted
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         load_config(input="a", output="b", model="m", **{field: value})
+
+
+def test_example_config_loads():
+    cfg = load_config(ROOT / "configs" / "caption.yaml", input="a", output="b", model="m")
+    assert cfg.prompt_version == "v1" and cfg.commit_every == 256
