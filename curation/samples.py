@@ -195,7 +195,8 @@ def make_tiny_tokenizer(out_dir: str | Path) -> str:
 
 def write_sample_config(path: str | Path, models_dir: str | Path) -> str:
     """A stage-1 YAML pointing at the tiny local models (random CLIP: its scores mean nothing, so
-    the sample config sets the CLIP threshold low enough that it only demonstrates the plumbing)."""
+    the sample config sets the CLIP and rotation thresholds so that they never fire: they only
+    demonstrate the plumbing; a real run points these settings at real weights)."""
     import yaml
 
     name, cfg_json, weights = make_tiny_clip(Path(models_dir) / "clip")
@@ -206,7 +207,7 @@ def write_sample_config(path: str | Path, models_dir: str | Path) -> str:
         "scoring": {"clip": {"model": name, "model_config": cfg_json, "weights": weights},
                     "tokenizer": tok, "rotation": {"detector": "clip"}},
         "thresholds": {"clip": {"min_score": -1.0}, "token_length": {"max_tokens": 512},
-                       "rotation": {"action": "discard", "min_confidence": 0.99}},
+                       "rotation": {"action": "discard", "min_confidence": 1.0}},
     }
     Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
     return str(path)
