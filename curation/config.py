@@ -191,7 +191,6 @@ _RANGES: tuple[tuple[str, float, float], ...] = (
 )
 _CHOICES = {
     "scoring.store_image": ("source", "normalized", "none"),
-    "scoring.rotation.detector": ("clip", "none"),
     "thresholds.rotation.action": ("discard", "correct"),
 }
 
@@ -253,6 +252,11 @@ def validate(cfg: StageConfig) -> StageConfig:
     for path, allowed in _CHOICES.items():
         if _get(cfg, path) not in allowed:
             raise ConfigError(f"{path} = {_get(cfg, path)!r}: expected one of {', '.join(allowed)}")
+    from .stage1 import ROTATION_DETECTORS  # the presets live beside the worker that builds them
+
+    if cfg.scoring.rotation.detector not in ROTATION_DETECTORS:
+        raise ConfigError(f"scoring.rotation.detector = {cfg.scoring.rotation.detector!r}: expected one of "
+                          f"{', '.join(ROTATION_DETECTORS)}")
     tl = cfg.thresholds.token_length
     if tl.min_tokens > tl.max_tokens:
         raise ConfigError("thresholds.token_length.min_tokens must be <= max_tokens")

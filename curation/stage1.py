@@ -26,6 +26,14 @@ from .scorers import (
     phash64,
 )
 
+# Rotation detectors by config name (``scoring.rotation.detector``): a plain dict of presets. A
+# detector is built from the loaded scorers and is called as ``detector(images, captions) ->
+# (turns, probabilities_not_upright)``; add one here to plug in another model.
+ROTATION_DETECTORS = {
+    "clip": lambda models, cfg: ClipRotationDetector(models["clip"], cfg) if "clip" in models else None,
+    "none": lambda models, cfg: None,
+}
+
 
 def build_model_scorers(cfg: StageConfig, skipped: tuple[str, ...], device: str = "cpu") -> dict:
     """The model-backed scorers this run needs, constructed (cheap) but not loaded."""
@@ -83,8 +91,8 @@ class Stage1Scorer:
         for m in self.models.values():
             m.setup()
         rot = cfg.scoring.rotation
-        use_rot = "rotation" not in skipped and rot.detector == "clip" and "clip" in self.models
-        self.rotation = ClipRotationDetector(self.models["clip"], rot) if use_rot else None
+        self.rotation = (None if "rotation" in skipped
+                         else ROTATION_DETECTORS[rot.detector](self.models, rot))
 
     # ------------------------------------------------------------------ scoring
     def score(self, batch: pa.Table) -> pa.Table:

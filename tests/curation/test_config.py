@@ -30,6 +30,7 @@ def test_defaults_load_and_hashes_split_scoring_from_thresholds():
     ("scoring:\n  store_image: yes\n", "scoring.store_image: expected a string"),
     ("thresholds:\n  token_length:\n    min_tokens: 10\n    max_tokens: 5\n", "min_tokens must be <= max_tokens"),
     ("- a list\n", "expected a mapping"),
+    ("scoring:\n  rotation:\n    detector: magic\n", "scoring.rotation.detector = 'magic'"),
 ])
 def test_bad_config_names_the_field(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
