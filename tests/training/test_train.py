@@ -23,11 +23,12 @@ def test_injected_worker_failure_restarts_from_checkpoint_and_reproduces_next_st
     """Rank 1 raises before step 5 of attempt 1; Ray Train (FailureConfig) restarts both workers from
     the step-3 DCP checkpoint. Step 4's loss, computed once continuously and once after the restart,
     must match: same weights, optimizer state, schedule, data position and noise. Runs the SeFi
-    variant on a T2I/TI2I mix, so those paths are exercised too."""
+    variant on a T2I/TI2I mix with gradient accumulation, so those paths are exercised too."""
     from training.trainer import fit
 
     cfg = load_config(CONFIG, ["name=resume", "steps=6", "ckpt_every=3", "log_every=1", "fault_injection_step=4",
-                               "max_failures=1", "sefi.enabled=true", "data.t2i_ratio=0.5", "data.ti2i_ratio=0.5"])
+                               "max_failures=1", "sefi.enabled=true", "data.t2i_ratio=0.5", "data.ti2i_ratio=0.5",
+                               "data.micro_batch_size=2"])  # 2 gradient-accumulation micro-steps per worker
     log = tmp_path / "metrics.jsonl"
     result = fit(cfg, cache["dir"], str(tmp_path / "runs"), str(log))
     rows = _log(log)
@@ -53,8 +54,7 @@ def test_overfit_on_a_handful_of_images_drives_the_loss_down(cache, tmp_path):
     from training.trainer import fit
 
     cfg = load_config(CONFIG, ["name=overfit", "steps=40", "ckpt_every=40", "log_every=1", "flow.caption_dropout=0.0",
-                               "optim.lr=3e-3", "optim.warmup_steps=5", "data.global_batch_size=12",
-                               "data.micro_batch_size=3"])  # 2 accumulation micro-steps per worker
+                               "optim.lr=3e-3", "optim.warmup_steps=5", "data.global_batch_size=12"])
     log = tmp_path / "metrics.jsonl"
     fit(cfg, cache["dir"], str(tmp_path / "runs"), str(log))
     losses = [r["loss"] for r in _log(log)]
