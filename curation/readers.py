@@ -10,6 +10,7 @@ never holds image bytes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tarfile
 from collections.abc import Iterator
@@ -20,7 +21,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import ConfigError
-from .scorers import read_json_caption
 
 IMAGE_EXTS = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".pjpeg", ".pjp", ".png", ".gif", ".bmp", ".dib", ".webp",
@@ -163,6 +163,19 @@ def _add(buf, id_, uri, caption=None, path=None, data=None, error=None):
     for k, v in (("id", id_), ("uri", uri), ("caption", caption), ("path", path), ("caption_path", None),
                  ("data", data), ("error", error)):
         buf[k].append(v)
+
+
+def read_json_caption(raw: bytes) -> str | None:
+    """Caption from a WebDataset/img2dataset ``.json`` sidecar (``caption`` or ``text`` key)."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(obj, dict):
+        for k in ("caption", "text", "prompt"):
+            if isinstance(obj.get(k), str):
+                return obj[k]
+    return None
 
 
 def _decode_text(raw: bytes | None) -> str | None:

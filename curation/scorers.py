@@ -7,7 +7,6 @@ runs the same loading code in the driver so a missing model stops the job before
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -238,16 +237,3 @@ class TokenCounter:
             for i, n in zip(idx, lens, strict=True):
                 out[i] = n
         return out
-
-
-def read_json_caption(raw: bytes) -> str | None:
-    """Caption from a WebDataset/img2dataset ``.json`` sidecar (``caption`` or ``text`` key)."""
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if isinstance(obj, dict):
-        for k in ("caption", "text", "prompt"):
-            if isinstance(obj.get(k), str):
-                return obj[k]
-    return None

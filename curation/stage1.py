@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from .config import StageConfig
 from .decode import decode, encode_jpeg
+from .readers import read_json_caption
 from .schema import SCORING_SCHEMA
 from .scorers import (
     ClipRotationDetector,
@@ -64,9 +65,7 @@ def _read(path: str | None) -> tuple[bytes | None, str | None]:
 
 
 def _read_caption(path: str) -> str | None:
-    from .scorers import read_json_caption
-
-    raw, err = _read(path)
+    raw, _ = _read(path)
     if raw is None:
         return None
     if path.lower().endswith(".json"):
