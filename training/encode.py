@@ -184,29 +184,24 @@ def _up_to_date(uri: str, prov: dict) -> bool:
     return all(md.get(k) == v for k, v in prov.items() if k not in ("text_dim", "latent_channels", "vae_factor"))
 
 
+def _require_table(flag: str, uri: str, columns: set[str], hint: str = "") -> None:
+    """The Lance table behind ``flag`` opens and has ``columns``; else a one-line error naming it."""
+    try:
+        ds = lance.dataset(uri)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{flag}: cannot open Lance table {uri}: {e}") from None
+    missing = columns - set(ds.schema.names)
+    if missing:
+        raise ValueError(f"{flag}: {uri} lacks columns {sorted(missing)}{hint}")
+
+
 def validate_settings(s: EncodeSettings) -> None:
     """One-line errors naming the flag, before any work."""
-    try:
-        cur = lance.dataset(s.curated)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"--curated: cannot open Lance table {s.curated}: {e}") from None
-    missing = {"id", "caption", "keep", "image"} - set(cur.schema.names)
-    if missing:
-        raise ValueError(f"--curated: {s.curated} lacks columns {sorted(missing)} (see curation/schema.py)")
+    _require_table("--curated", s.curated, {"id", "caption", "keep", "image"}, " (see curation/schema.py)")
     if s.captions:
-        try:
-            cap = lance.dataset(s.captions)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"--captions: cannot open Lance table {s.captions}: {e}") from None
-        if not {"id", "general"} <= set(cap.schema.names):
-            raise ValueError(f"--captions: {s.captions} needs columns id and general")
+        _require_table("--captions", s.captions, {"id", "general"})
     if s.edit_pairs:
-        try:
-            ep = lance.dataset(s.edit_pairs)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"--edit-pairs: cannot open Lance table {s.edit_pairs}: {e}") from None
-        if not {"id", "source_id", "instruction"} <= set(ep.schema.names):
-            raise ValueError(f"--edit-pairs: {s.edit_pairs} needs columns id, source_id, instruction")
+        _require_table("--edit-pairs", s.edit_pairs, {"id", "source_id", "instruction"})
     if s.resolution % 16 or s.resolution < 32:
         raise ValueError("--resolution: must be a multiple of 16, >= 32")
     if bool(s.semantic_encoder) != (s.semantic_channels > 0):
