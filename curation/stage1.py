@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 
 import pyarrow as pa
 
@@ -166,7 +165,6 @@ class Stage1Scorer:
         return pa.table({
             "fragment": pa.array([json.dumps(f.to_json()) for f in frags], pa.string()),
             "rows": pa.array([f.num_rows for f in frags], pa.int64()),
-            "pid": pa.array([os.getpid()] * len(frags), pa.int64()),
         })
 
 
