@@ -7,32 +7,27 @@ A stage config has two halves, kept apart on purpose:
 * ``thresholds`` — what decides ``keep``/``reject_reason`` from the stored scores. Changing it only
   needs ``--rethreshold``; its hash is stored as ``decided_config_hash``.
 
-Unknown or misspelt keys, wrong types and out-of-range values raise :class:`ConfigError` naming the
-field (``thresholds.entropy.min_entropy``), before any work starts.
+Unknown or misspelt keys, wrong types and out-of-range values raise :class:`ConfigError` (one loader
+for every job: :mod:`common.typed_config`) naming the field (``thresholds.entropy.min_entropy``),
+before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from common.typed_config import ConfigError, build, read_yaml, set_dotted
 
 # The report's stage-1 chain, in its order (Qwen-Image-2.0 §2.3). The first failing filter is the
 # row's reject_reason, so this order is part of the output's meaning.
 STAGE1_CHAIN = ("broken", "resolution", "dedup", "nsfw", "rotation", "entropy", "clip", "token_length")
 # Filters that need a model; ``--skip`` may name any filter but ``broken``.
 SKIPPABLE = frozenset(STAGE1_CHAIN) - {"broken"}
-
-
-class ConfigError(ValueError):
-    """A bad config value or CLI flag; the message names the field."""
 
 
 # --------------------------------------------------------------------------- scoring settings
@@ -195,49 +190,6 @@ _CHOICES = {
 }
 
 
-def _build(cls: type, data: object, path: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(names)})"
-            raise ConfigError(f"unknown config key '{full}'{hint}")
-        kwargs[key] = _coerce(hints[key], value, full)
-    return cls(**kwargs)
-
-
-def _coerce(tp: object, value: object, path: str):
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (tp,) = [a for a in args if a is not type(None)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - schema bug
-
-
 def _get(cfg: object, path: str):
     for part in path.split("."):
         cfg = getattr(cfg, part)
@@ -267,22 +219,10 @@ def validate(cfg: StageConfig) -> StageConfig:
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> StageConfig:
     """Load a YAML stage config (defaults when ``path`` is None), apply dotted overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: no such file: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
+    data = read_yaml(path) if path is not None else {}
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return validate(_build(StageConfig, data, ""))
+        set_dotted(data, dotted, value)
+    return validate(build(StageConfig, data))
 
 
 def parse_skip(text: str | None) -> tuple[str, ...]:

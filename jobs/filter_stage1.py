@@ -13,20 +13,9 @@ import sys
 
 import _bootstrap  # noqa: F401
 
+from common.typed_config import parse_assignment
 from curation.config import ConfigError, load_config, parse_skip
 from curation.readers import Columns
-
-
-def parse_set(items: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set: expected KEY=VALUE, got '{item}'")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-report", action="store_true", help="do not write the HTML report")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, parse_set(args.set))
+        cfg = load_config(args.config, dict(parse_assignment(s) for s in args.set))
         if args.rethreshold:
             from curation.run import rethreshold
 

@@ -1,24 +1,16 @@
 """Typed, frozen training config, loaded from YAML plus ``key.path=value`` overrides and validated
-at load (torchtitan ``configs.py`` style): a misspelt or mistyped key fails at once with a one-line
+at load (torchtitan ``configs.py`` style, by the shared :mod:`common.typed_config`): a misspelt or mistyped key fails at once with a one-line
 error naming the field, before Ray or torch start anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from common.typed_config import ConfigError, build, parse_assignment, read_yaml, set_dotted
 from training.mmdit import MMDIT_PRESETS
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message starts with the dotted field name."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,85 +184,17 @@ def validate(c: TrainConfig):
 # ---------------------------------------------------------------- loading
 
 
-def _coerce(tp, value, name: str):
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, name + ".")
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            _check(type(None) in args, name, "may not be null")
-            return None
-        return _coerce(next(a for a in args if a is not type(None)), value, name)
-    if origin is dict:
-        kt, vt = typing.get_args(tp)
-        _check(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__}")
-        return {_coerce(kt, k, f"{name}.{k}"): _coerce(vt, v, f"{name}.{k}") for k, v in value.items()}
-    if origin is tuple:
-        args = typing.get_args(tp)
-        _check(isinstance(value, list | tuple) and len(value) == len(args), name, f"expected a list of {len(args)}")
-        return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string: accept plain numerals
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _check(isinstance(value, int | float) and not isinstance(value, bool), name, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        _check(isinstance(value, bool), name, f"expected true/false, got {value!r}")
-        return value
-    if tp is str:
-        _check(isinstance(value, str), name, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{name}: unsupported config type {tp}")
-
-
-def _build(cls, d: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in d:
-        if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            raise ConfigError(f"{prefix}{k}: unknown field" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in d.items()}
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{prefix}{missing[0]}: required field is missing")
-    return cls(**kwargs)
-
-
 def apply_override(d: dict, item: str) -> None:
     """``optim.lr=3e-4`` -> d["optim"]["lr"] = 3e-4 (value parsed as YAML)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item}: expected key.path=value")
-    key, raw = item.split("=", 1)
-    *path, last = key.strip().split(".")
-    cur = d
-    for p in path:
-        cur = cur.setdefault(p, {})
-        if not isinstance(cur, dict):
-            raise ConfigError(f"{key}: {p} is not a mapping")
-    cur[last] = yaml.safe_load(raw)
+    set_dotted(d, *parse_assignment(item))
 
 
 def config_from_dict(d: dict) -> TrainConfig:
-    return _build(TrainConfig, d)
+    return build(TrainConfig, d)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config: no such file {p}")
-    d = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"--config: {p} must hold a mapping")
+    d = read_yaml(path)
     for o in overrides:
         apply_override(d, o)
     return config_from_dict(d)

@@ -22,14 +22,14 @@ def test_defaults_load_and_hashes_split_scoring_from_thresholds():
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("thresholds:\n  entropy:\n    min_entrpy: 2\n", "thresholds.entropy.min_entrpy' (did you mean 'min_entropy'?)"),
-    ("scoring:\n  clipp: {}\n", "unknown config key 'scoring.clipp'"),
+    ("thresholds:\n  entropy:\n    min_entrpy: 2\n", "thresholds.entropy.min_entrpy: unknown field (did you mean 'thresholds.entropy.min_entropy'?)"),
+    ("scoring:\n  clipp: {}\n", "scoring.clipp: unknown field (did you mean 'scoring.clip'?)"),
     ("thresholds:\n  nsfw:\n    max_score: 1.5\n", "thresholds.nsfw.max_score = 1.5 is out of range"),
     ("thresholds:\n  dedup:\n    max_hamming: 'six'\n", "thresholds.dedup.max_hamming: expected an integer"),
     ("thresholds:\n  rotation:\n    action: flip\n", "thresholds.rotation.action = 'flip'"),
     ("scoring:\n  store_image: yes\n", "scoring.store_image: expected a string"),
     ("thresholds:\n  token_length:\n    min_tokens: 10\n    max_tokens: 5\n", "min_tokens must be <= max_tokens"),
-    ("- a list\n", "expected a mapping"),
+    ("- a list\n", "must hold a mapping of config fields, got list"),
     ("scoring:\n  rotation:\n    detector: magic\n", "scoring.rotation.detector = 'magic'"),
 ])
 def test_bad_config_names_the_field(tmp_path, text, needle):

@@ -41,7 +41,7 @@ def _write(tmp_path, text):
 
 
 @pytest.mark.parametrize("text,override,field", [
-    ("name: x\nsteps: 3\noptim:\n  lrr: 0.1\n", [], r"optim.lrr: unknown field \(did you mean optim.lr\?\)"),
+    ("name: x\nsteps: 3\noptim:\n  lrr: 0.1\n", [], r"optim.lrr: unknown field \(did you mean 'optim.lr'\?\)"),
     ("name: x\nsteps: 3\n", ["data.resolutoin=64"], r"data.resolutoin: unknown field"),
     ("name: x\nsteps: three\n", [], r"^steps: expected an integer"),
     ("name: x\nsteps: 3\ndata:\n  languages: {en: 0.5, zh: 0.2}\n", [], r"^data.languages: ratios must sum to 1"),
@@ -68,4 +68,4 @@ def test_train_cli_reports_a_misspelt_key_before_any_work(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), "--config", str(cfg), "--data", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == "error: flow.caption_dropuot: unknown field (did you mean flow.caption_dropout?)"
+    assert r.stderr.strip().splitlines()[-1] == "error: flow.caption_dropuot: unknown field (did you mean 'flow.caption_dropout'?)"

@@ -1,0 +1,1 @@
+"""Code every package shares (the typed config loader)."""
