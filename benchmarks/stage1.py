@@ -33,7 +33,8 @@ from curation.samples import CAPTIONS, make_tiny_clip, make_tiny_tokenizer, real
 
 
 def make_corpus(root: Path, n: int) -> list[str]:
-    """n JPEGs with the long side 512-1024 px: random crops, flips and resizes of the bundled real photos."""
+    """n JPEGs whose width and height are each 512-1024 px (uniform, independently): random crops of
+    the bundled real photos with that aspect ratio, resized, flipped at random, quality 80-95."""
     root.mkdir(parents=True, exist_ok=True)
     existing = sorted(str(p) for p in root.glob("*.jpg"))
     if len(existing) >= n:
@@ -44,12 +45,13 @@ def make_corpus(root: Path, n: int) -> list[str]:
     for i in range(n):
         im = photos[i % len(photos)]
         w, h = im.size
-        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        crop = im.crop((x, y, x + cw, y + ch))
-        long_side = int(rng.integers(512, 1025))
-        s = long_side / max(crop.size)
-        crop = crop.resize((round(crop.size[0] * s), round(crop.size[1] * s)))
+        tw, th = int(rng.integers(512, 1025)), int(rng.integers(512, 1025))
+        # The largest region of the photo with the target's aspect ratio, shrunk to 60-100 %.
+        cw, ch = (w, w * th / tw) if w * th / tw <= h else (h * tw / th, h)
+        f = rng.uniform(0.6, 1.0)
+        cw, ch = cw * f, ch * f
+        x, y = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+        crop = im.resize((tw, th), Image.Resampling.BICUBIC, box=(x, y, x + cw, y + ch))
         if rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         p = root / f"img_{i:06d}.jpg"
@@ -57,6 +59,19 @@ def make_corpus(root: Path, n: int) -> list[str]:
         p.with_suffix(".txt").write_text(CAPTIONS[i % len(CAPTIONS)])
         paths.append(str(p))
     return paths
+
+
+def linked_subset(paths: list[str], folder: Path) -> Path:
+    """A folder holding exactly ``paths`` and their captions, as hard links."""
+    folder.mkdir(parents=True, exist_ok=True)
+    want = {q.name: q for p in paths for q in (Path(p), Path(p).with_suffix(".txt"))}
+    for f in folder.iterdir():
+        if f.name not in want:
+            f.unlink()
+    for name, q in want.items():
+        if not (folder / name).exists():
+            os.link(q, folder / name)
+    return folder
 
 
 def _decode(path: str) -> int:
@@ -124,12 +139,14 @@ def main() -> None:
     args = ap.parse_args()
     cpus = os.cpu_count() or 1
     work = Path(args.workdir)
-    corpus = work / "corpus"
-    paths = make_corpus(corpus, args.n)
+    # Generated once into a pool (the name changed with the generator, so old caches stay out), and
+    # the job reads a folder of exactly --n of them (hard links).
+    paths = make_corpus(work / "corpus-512-1024", args.n)
+    corpus = linked_subset(paths, work / f"corpus-n{args.n}")
     models = work / "models"
     tok = make_tiny_tokenizer(models / "tokenizer")
     name, cfg_json, weights = make_tiny_clip(models / "clip")
-    print(f"corpus: {len(paths)} JPEGs 512-1024 px, {sum(os.path.getsize(p) for p in paths) / 1e6:.0f} MB, {cpus} cores")
+    print(f"corpus: {len(paths)} JPEGs, width and height 512-1024 px, {sum(os.path.getsize(p) for p in paths) / 1e6:.0f} MB, {cpus} cores")
 
     base = {"scoring.tokenizer": tok, "scoring.rotation.detector": "none"}
     decode_rate = bare_decode(paths, cpus)
@@ -137,12 +154,7 @@ def main() -> None:
     chain_rate, reasons = run_job(corpus, work / "out_free.lance", base, ("clip", "nsfw"), cpus)
     print(f"(b) stage-1 model-free chain via Ray Data + Lance: {chain_rate:.1f} img/s  {reasons}")
 
-    sub = work / "corpus_models"
-    sub.mkdir(exist_ok=True)
-    for p in paths[: args.model_subset]:
-        for q in (Path(p), Path(p).with_suffix(".txt")):
-            if not (sub / q.name).exists():
-                os.link(q, sub / q.name)
+    sub = linked_subset(paths[: args.model_subset], work / f"corpus-n{args.model_subset}")
     full = dict(base, **{"scoring.clip.model": name, "scoring.clip.model_config": cfg_json,
                          "scoring.clip.weights": weights, "scoring.rotation.detector": "clip"})
     model_rate, _ = run_job(sub, work / "out_models.lance", full, (), cpus)

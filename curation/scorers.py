@@ -41,7 +41,7 @@ def grey_entropy(grey: Image.Image) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def noise_score(im: Image.Image, crop: int = 192) -> float:
+def noise_score(im: Image.Image, crop: int = 128) -> float:
     """1 - correlation of neighbouring pixels (x and y), max over R, G, B; 0..1, high = noise.
 
     Natural images are strongly correlated between neighbours at any scale (1/f spectrum), white
