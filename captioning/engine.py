@@ -159,6 +159,9 @@ def _generate(processor, cfg: CaptionConfig, src: lance.LanceDataset,
 
 def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, done: set[str],
                writer, summary) -> None:
+    rows = _todo(src, done, summary)
+    if not rows:
+        return  # a rerun with every row done starts neither Ray nor an engine
     import ray
     from ray.data.llm import build_processor
 
@@ -167,7 +170,6 @@ def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, 
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, ignore_reinit_error=True, runtime_env=RUNTIME_ENV)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
-    rows = _todo(src, done, summary)
     processor = build_processor(
         engine_processor_config(cfg),
         preprocess=lambda row: engine_request(prompts, cfg, row),
