@@ -2,15 +2,18 @@
 
 One `build_processor(vLLMEngineProcessorConfig)` pipeline runs per pass: images are read from the
 curated table by row address inside Ray Data (blob reads are distributed, the driver sees only ids),
-vLLM's multimodal stage parses the OpenAI-format messages built by `PromptSet.messages`, and the JSON
-schema travels in `sampling_params.structured_outputs`. Answers come back to the driver and go
-through `PromptSet.validate`, exactly as in server mode.
+ray.data.llm's image and chat-template stages turn the OpenAI-format messages built by
+`PromptSet.messages` into the engine's prompt and image, and the JSON schema travels in
+`sampling_params.structured_outputs`. Answers come back to the driver and go through
+`PromptSet.validate`, exactly as in server mode. ray 2.54.1's engine stage needs a bridge to run on
+vLLM 0.32 (captioning/vllm_compat.py, installed in the workers by RUNTIME_ENV).
 
 Passes: (1) routing for every todo row, (2) one request per routed caption type. A request whose
 answer is invalid or cut at max_tokens is retried in the next pass with a new seed, up to
 `max_attempts` passes, because a running vLLM engine cannot be fed new requests from the driver
-once its dataset has started. Rows are committed as soon as all their captions are valid; the rest
-after the last pass, as failed. A killed run loses only uncommitted rows.
+once its dataset has started (so every pass starts its engines anew). Rows are committed as soon as
+all their captions are valid; the rest after the last pass, as failed. A killed run loses only
+uncommitted rows.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ are `vllm.inputs.TextPrompt` / `vllm.inputs.TokensPrompt`), so every request fai
 `AttributeError: module 'vllm.inputs' has no attribute 'data'`. `alias_vllm_inputs_data` is the
 `worker_process_setup_hook` of the engine's runtime_env: it registers `vllm.inputs.data` as an alias
 namespace holding those two names. It is a no-op where vLLM is absent or still has
-`vllm.inputs.data` (vLLM <= 0.31, which ray 2.54 was written for); drop it with a ray release that
-no longer uses that module.
+`vllm.inputs.data` (the older releases ray 2.54 was written against); drop it with a ray release
+that no longer uses that module.
 
 It never imports vLLM itself: the hook runs in every worker of the job (blob readers, chat template
 stage), and importing vLLM costs seconds of CPU (torch) in processes that never run an engine. The
