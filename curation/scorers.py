@@ -41,6 +41,9 @@ def grey_entropy(grey: Image.Image) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
+_FLAT_VAR = 4.0  # grey levels squared
+
+
 def noise_score(im: Image.Image, crop: int = 128) -> float:
     """1 - correlation of neighbouring pixels (x and y), max over R, G, B; 0..1, high = noise.
 
@@ -52,6 +55,7 @@ def noise_score(im: Image.Image, crop: int = 128) -> float:
     cw, ch = min(w, crop), min(h, crop)
     x0, y0 = (w - cw) // 2, (h - ch) // 2
     planes = np.asarray(im.crop((x0, y0, x0 + cw, y0 + ch)), dtype=np.float32).transpose(2, 0, 1).copy()
+    planes -= planes.mean(axis=(1, 2), keepdims=True)  # centred: float32 sums of squares stay exact enough
     worst = 0.0
     for plane in planes:
         flat = plane.ravel()
@@ -65,7 +69,9 @@ def noise_score(im: Image.Image, crop: int = 128) -> float:
             cov = float(np.dot(u, v)) - su * sv / n
             var_u = float(np.dot(u, u)) - su * su / n
             var_v = float(np.dot(v, v)) - sv * sv / n
-            if var_u > 1e-3 * n and var_v > 1e-3 * n:  # a flat channel has no noise
+            # A channel whose std is under ~2 grey levels is flat: what varies there is JPEG rounding,
+            # which is decorrelated but invisible (a smooth gradient must not score as noise).
+            if var_u > _FLAT_VAR * n and var_v > _FLAT_VAR * n:
                 worst = max(worst, 1.0 - cov / np.sqrt(var_u * var_v))
     return min(max(worst, 0.0), 1.0)
 
