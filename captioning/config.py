@@ -1,25 +1,19 @@
 """Typed, frozen configuration of a captioning run, validated at load (YAML + CLI overrides).
 
 Every error names the field that is wrong, before any work starts: a misspelt key, a wrong type or
-an out-of-range value fails at once instead of being silently ignored.
+an out-of-range value fails at once instead of being silently ignored (the shared loader,
+:mod:`common.typed_config`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from common.typed_config import ConfigError, build, read_yaml
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the field (or CLI flag)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,42 +102,11 @@ class CaptionConfig:
                 raise ConfigError(f"config field 'extra_request' must not set '{key}' (the job sets it)")
 
 
-def _check_type(name: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(hint)
-    base = origin or hint
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if base is int and isinstance(value, bool) or not isinstance(value, base):
-        raise ConfigError(f"config field '{name}' must be {getattr(base, '__name__', base)}, "
-                          f"got {type(value).__name__} {value!r}")
-    return value
-
-
 def load_config(path: str | Path | None = None, **overrides: Any) -> CaptionConfig:
     """Build a config from an optional YAML file plus overrides (CLI values; None = not given)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path}: top level must be a mapping of config fields")
-        data.update(loaded)
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    hints = typing.get_type_hints(CaptionConfig)
-    known = {f.name for f in dataclasses.fields(CaptionConfig)}
-    for name in data:
-        if name not in known:
-            raise ConfigError(f"unknown config field '{name}' (known: {', '.join(sorted(known))})")
     for name in ("input", "output", "model"):
         if name not in data:
             raise ConfigError(f"config field '{name}' is required (--{name})")
-    checked = {name: _check_type(name, value, hints[name]) for name, value in data.items()}
-    return CaptionConfig(**checked)
+    return build(CaptionConfig, data)

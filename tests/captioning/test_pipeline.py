@@ -131,7 +131,7 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path, capsys, scripted):
     (tmp_path / "bad.yaml").write_text("concurency: 3\n")
     code, io = run_cli("--config", str(tmp_path / "bad.yaml"), "--input", "a", "--output", out, "--model", "m",
                        capsys=capsys)
-    assert code == 2 and "unknown config field 'concurency'" in io.err
+    assert code == 2 and "concurency: unknown field (did you mean 'concurrency'?)" in io.err
     assert not Path(out).exists()
 
 
@@ -156,7 +156,7 @@ def test_cli_prints_failures_by_reason_and_exits_zero(tmp_path, capsys, scripted
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("temperature", 3.0, "temperature"), ("max_attempts", "3", "must be int"), ("server", "localhost:8000", "http"),
+    ("temperature", 3.0, "temperature"), ("max_attempts", "3", "max_attempts: expected an integer"), ("server", "localhost:8000", "http"),
 ])
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
