@@ -77,7 +77,8 @@ def near_pairs(hashes: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
         np.cumsum(np.bincount(key, minlength=1 << width), out=start[1:])
         for mask in _flip_masks(width, d // m).astype(np.int64):
             q = key ^ mask
-            lo, cnt = start[q], start[q + 1] - start[q]
+            lo = start[q]
+            cnt = start[q + 1] - lo
             for a, b in _chunks(cnt):
                 c = cnt[a:b]
                 total = int(c.sum())
