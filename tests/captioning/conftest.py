@@ -48,6 +48,14 @@ def completion(content: str, finish: str = "stop") -> dict[str, Any]:
 Reply = tuple[int, Any] | str  # (status, JSON payload or text) or "drop" to close the socket
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5; the job opens up to `concurrency` (32) connections at
+    # once, and on a busy 2-core machine the kernel resets the overflow before the accept loop catches
+    # up (ConnectionResetError on a request the server never saw: an extra attempt, a flaky count).
+    # uvicorn, which vLLM runs, listens with a backlog of 2048.
+    request_queue_size = 256
+
+
 class ScriptedServer:
     """A real local HTTP server whose chat answers come from a Python function (for retry paths that
     a vLLM server cannot be made to produce on demand: 429, 5xx, dropped connections)."""
@@ -82,7 +90,7 @@ class ScriptedServer:
                     return
                 self._send(*reply)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
