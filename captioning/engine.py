@@ -172,7 +172,13 @@ def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, 
 
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, ignore_reinit_error=True, runtime_env=RUNTIME_ENV)
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    # OpenAI messages mix a string content (system) with a list of parts (user), which no Arrow
+    # column holds, so Ray Data stores them as pickled objects. That is what we want: an Arrow struct
+    # would add `None` keys to every part, and chat templates test `'image_url' in part`. Saying so
+    # explicitly stops Ray's per-worker "falling back to pickle" warning with its traceback.
+    ctx.enable_fallback_to_arrow_object_ext_type = True
     processor = build_processor(
         engine_processor_config(cfg),
         preprocess=lambda row: engine_request(prompts, cfg, row),
