@@ -9,7 +9,7 @@ One vLLM server (a tiny random Qwen2-VL on CPU, or --server/--model for a real o
 Rounds alternate baseline/pipeline so drift in a shared machine hits both; the ratio is the median
 of the per-round ratios (each round's two sides ran back to back). Last line: `caption pipeline/engine ratio: X.XX` (target >= 0.90).
 
-    python benchmarks/caption.py [--images 96] [--rounds 5] [--concurrency 16] [--max-num-seqs 8]
+    python benchmarks/caption.py [--images 96] [--rounds 9] [--concurrency 16] [--max-num-seqs 8]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import lance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,12 @@ async def bare_loop(cfg, prompts: PromptSet, work: list[tuple[str, bytes, list[s
             nonlocal sent
             async with slots:
                 body = chat_body(prompts, cfg, kind, image, request_seed(cfg, row_id, 0))
-                (await http.post("/chat/completions", json=body)).raise_for_status()
+                while True:  # a reset connection (e.g. a keep-alive the server just closed) is resent
+                    try:
+                        (await http.post("/chat/completions", json=body)).raise_for_status()
+                        break
+                    except httpx.TransportError:
+                        continue
                 sent += 1
 
         async def one(row_id: str, image: bytes, kinds: list[str]) -> None:
@@ -63,7 +69,7 @@ async def bare_loop(cfg, prompts: PromptSet, work: list[tuple[str, bytes, list[s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=96)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--concurrency", type=int, default=16,
                     help="requests in flight, both sides (a bit above the server's --max-num-seqs, as in production)")
     ap.add_argument("--max-num-seqs", type=int, default=8, help="the tiny server's --max-num-seqs")
