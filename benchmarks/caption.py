@@ -49,12 +49,13 @@ async def bare_loop(cfg, prompts: PromptSet, work: list[tuple[str, bytes, list[s
             nonlocal sent
             async with slots:
                 body = chat_body(prompts, cfg, kind, image, request_seed(cfg, row_id, 0))
-                while True:  # a reset connection (e.g. a keep-alive the server just closed) is resent
+                for attempt in range(3):  # a reset connection (a keep-alive the server just closed) is resent
                     try:
                         (await http.post("/chat/completions", json=body)).raise_for_status()
                         break
                     except httpx.TransportError:
-                        continue
+                        if attempt == 2:
+                            raise
                 sent += 1
 
         async def one(row_id: str, image: bytes, kinds: list[str]) -> None:
