@@ -44,3 +44,84 @@ def with_source_metadata(schema: pa.Schema, source_uri: str, source_version: int
     """Schema metadata names the curated table (the per-row column holds the version)."""
     return schema.with_metadata({b"captioning.source_uri": source_uri.encode(),
                                  b"captioning.source_version": str(source_version).encode()})
+
+
+# --------------------------------------------------------------------------- what training reads
+# The one rendering of a captions-table row into the texts the condition encoder sees
+# (jobs/encode_latents.py calls `caption_variants`; nothing else parses the caption JSON for training).
+# Variant kinds: the general caption's three lengths, then one text per other caption type.
+LENGTHS: tuple[str, ...] = ("short", "medium", "dense")
+LANGUAGES: tuple[str, ...] = ("en", "zh")
+VARIANT_KINDS: tuple[str, ...] = (*LENGTHS, "text", "knowledge", "structured")
+_LABELS = {"en": {"text": "Text", "kind": "Figure", "entities": "Elements", "relations": "Relations"},
+           "zh": {"text": "文字", "kind": "图类型", "entities": "元素", "relations": "关系"}}
+
+
+# Columns `caption_variants` reads (a reader selects only these).
+TRAINING_COLUMNS: tuple[str, ...] = ("id", "caption_status", *(f"caption_{t}" for t in CAPTION_TYPES))
+
+
+def variant_type(kind: str) -> str:
+    """Caption type of a variant kind: the three lengths are the general caption."""
+    return "general" if kind in LENGTHS else kind
+
+
+def render_text(value: dict, lang: str) -> str:
+    """Text caption -> the description in `lang`, then (one line) every transcribed block that the
+    description does not already quote verbatim, in reading order: the exact text reaches training
+    even when the description paraphrases it."""
+    desc = value[lang].strip()
+    missing = [b["text"] for b in value["blocks"] if b["text"] not in desc and b["text"] != "[illegible]"]
+    return desc + (f"\n{_LABELS[lang]['text']}: " + " / ".join(f'"{t}"' for t in missing) if missing else "")
+
+
+def render_structured(value: dict, lang: str) -> str:
+    """Structured caption -> the summary in `lang`, then the figure kind, the elements with their
+    attributes and the relations, naming elements by their label (their id when unlabeled):
+
+        <summary>
+        Figure: flowchart
+        Elements: "Start" (shape: oval); "Check" (shape: diamond); "End"
+        Relations: "Start" -flows_to-> "Check"; "Check" -flows_to-> "End" (yes)
+    """
+    L = _LABELS[lang]
+    name = {e["id"]: e["label"] or e["id"] for e in value["entities"]}
+
+    def element(e: dict) -> str:
+        attrs = ", ".join(f"{k}: {v}" for k, v in e["attributes"].items())
+        return f'"{name[e["id"]]}"' + (f" ({attrs})" if attrs else "")
+
+    def relation(r: dict) -> str:
+        s, t = name.get(r["source"], r["source"]), name.get(r["target"], r["target"])
+        return f'"{s}" -{r["type"]}-> "{t}"' + (f" ({r['label']})" if r["label"] else "")
+
+    lines = [value[lang].strip(), f"{L['kind']}: {value['kind']}",
+             f"{L['entities']}: " + "; ".join(element(e) for e in value["entities"])]
+    if value["relations"]:
+        lines.append(f"{L['relations']}: " + "; ".join(relation(r) for r in value["relations"]))
+    return "\n".join(lines)
+
+
+def caption_variants(row: dict) -> list[tuple[str, str, str]]:
+    """(kind, lang, text) of every caption variant of one captions-table row, in VARIANT_KINDS order.
+
+    Only `ok` rows give variants (a failed row's training caption is its alt text, which the caller
+    adds). A text caption flagged by the OCR check (`ocr_flag`) is left out: its transcription
+    disagrees with what OCR reads in the image. Empty strings are skipped.
+    """
+    import json
+
+    if row.get("caption_status") != STATUS_OK:
+        return []
+    out: list[tuple[str, str, str]] = []
+    if row.get("caption_general"):
+        g = json.loads(row["caption_general"])
+        out += [(n, lang, g[lang][n].strip()) for n in LENGTHS for lang in LANGUAGES if g.get(lang, {}).get(n)]
+    renderers = {"text": render_text, "knowledge": lambda v, lang: v[lang].strip(), "structured": render_structured}
+    for t, render in renderers.items():
+        raw = row.get(f"caption_{t}")
+        if not raw or (t == "text" and row.get("ocr_flag")):
+            continue
+        v = json.loads(raw)
+        out += [(t, lang, render(v, lang)) for lang in LANGUAGES if v.get(lang, "").strip()]
+    return [(k, lang, text) for k, lang, text in out if text]

@@ -22,7 +22,7 @@ from training.encode import EncodeSettings, run_encode  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--curated", required=True, help="curated Lance table (curation/schema.py)")
-    ap.add_argument("--captions", help="optional captions Lance table with id, general (JSON)")
+    ap.add_argument("--captions", help="optional captions Lance table written by jobs/caption.py (captioning/schema.py)")
     ap.add_argument("--out", required=True, help="cache directory: gets latents.lance and text.lance")
     ap.add_argument("--vae", required=True, help="diffusers AutoencoderKL / AutoencoderKLQwenImage: local dir or id")
     ap.add_argument("--text-encoder", required=True, help="Qwen2.5-VL / Qwen3-VL (or any transformers LM): dir or id")

@@ -12,7 +12,6 @@ mixture, as large-scale stage mixtures are usually specified), so there is no ep
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import lance
@@ -20,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from captioning.schema import CAPTION_TYPES, caption_variants, variant_type
 from training.latents_schema import T2I_KINDS, from_bytes, read_metadata
 
 # ---------------------------------------------------------------- aspect buckets (PixArt-style)
@@ -59,47 +59,44 @@ def resize_to_bucket(img, bucket: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------- caption variants
 
 
-def caption_variants(caption: str | None, general: str | dict | None) -> list[tuple[str, str, str]]:
-    """(kind, lang, text) for every non-empty caption of an image: the captioning table's ``general``
-    JSON ({"short": {"en":..,"zh":..}, "medium": .., "dense": ..}) plus the curated alt text."""
-    out = []
-    if isinstance(general, str) and general:
-        try:
-            general = json.loads(general)
-        except json.JSONDecodeError:
-            general = None
-    if isinstance(general, dict):
-        for kind in ("short", "medium", "dense"):
-            langs = general.get(kind) or {}
-            if isinstance(langs, str):
-                langs = {"en": langs}
-            for lang in ("en", "zh"):
-                text = langs.get(lang) if isinstance(langs, dict) else None
-                if isinstance(text, str) and text.strip():
-                    out.append((kind, lang, text.strip()))
-    if caption and caption.strip():
-        out.append(("original", "und", caption.strip()))
+def image_variants(alt_text: str | None, caption_row: dict | None) -> list[tuple[str, str, str]]:
+    """(kind, lang, text) for every non-empty caption of an image: the captions-table row rendered by
+    ``captioning.schema.caption_variants`` (the one definition of what training reads; nothing for a
+    failed or missing row), then the curated alt text as kind ``alt``."""
+    out = caption_variants(caption_row) if caption_row is not None else []
+    if alt_text and alt_text.strip():
+        out.append(("alt", "und", alt_text.strip()))
     return out
 
 
-def pick_variant(available: list[tuple[int, str, str]], types: dict[str, float], langs: dict[str, float],
-                 rng: np.random.Generator, instruction: bool = False) -> int:
-    """Choose one text row among ``available`` (row, kind, lang): kind by ``types`` renormalised over the
-    kinds present, then language likewise; the original alt text only when no captioned kind exists."""
-    kinds_wanted = ("instruction",) if instruction else tuple(k for k in T2I_KINDS if k != "original")
-    present = {k for _, k, _ in available}
-    cand = [k for k in kinds_wanted if k in present]
-    if not cand:
-        cand = ["original"] if "original" in present else sorted(present)
-        kind = cand[0]
+def _draw(rng: np.random.Generator, options: list[str], weights: dict[str, float]) -> str:
+    """One of ``options`` by ``weights`` renormalised over them (uniform when they all weigh 0)."""
+    w = np.array([weights.get(o, 0.0) for o in options], dtype=float)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(options), 1 / len(options))
+    return options[int(rng.choice(len(options), p=w))]
+
+
+def pick_variant(available: list[tuple[int, str, str]], kinds: dict[str, float], lengths: dict[str, float],
+                 langs: dict[str, float], rng: np.random.Generator, instruction: bool = False) -> int:
+    """Choose one text row among ``available`` (row, kind, lang) in three draws, each renormalised over
+    what this image has: the caption type by ``kinds`` (general / text / knowledge / structured /
+    alt), for ``general`` its length by ``lengths`` (short / medium / dense), then the language by
+    ``langs``. Types weighted 0 are drawn only when nothing else exists (then the alt text first)."""
+    if instruction:
+        rows = [(r, lg) for r, k, lg in available if k == "instruction"]
     else:
-        w = np.array([types.get(k, 1.0) if not instruction else 1.0 for k in cand], dtype=float)
-        w = w / w.sum() if w.sum() > 0 else np.full(len(cand), 1 / len(cand))
-        kind = cand[rng.choice(len(cand), p=w)]
-    rows = [(r, lg) for r, k, lg in available if k == kind]
-    lw = np.array([langs.get(lg, 0.0) for _, lg in rows], dtype=float)
-    lw = lw / lw.sum() if lw.sum() > 0 else np.full(len(rows), 1 / len(rows))
-    return rows[rng.choice(len(rows), p=lw)][0]
+        by_type: dict[str, list[tuple[int, str, str]]] = {}
+        for r, k, lg in available:
+            if k in T2I_KINDS:
+                by_type.setdefault(variant_type(k), []).append((r, k, lg))
+        types = [t for t in (*CAPTION_TYPES, "alt") if t in by_type]
+        weighted = [t for t in types if kinds.get(t, 0.0) > 0]
+        t = _draw(rng, weighted, kinds) if weighted else ("alt" if "alt" in by_type else types[0])
+        present = sorted({k for _, k, _ in by_type[t]}, key=T2I_KINDS.index)
+        kind = _draw(rng, present, lengths) if t == "general" else present[0]
+        rows = [(r, lg) for r, k, lg in by_type[t] if k == kind]
+    lang = _draw(rng, sorted({lg for _, lg in rows}), langs)
+    return next(r for r, lg in rows if lg == lang)
 
 
 # ---------------------------------------------------------------- index and step -> batch
@@ -204,15 +201,18 @@ class StepPlan:
 
 
 def plan_step(index: LatentIndex, step: int, global_batch: int, seed: int, t2i_ratio: float,
-              caption_types: dict[str, float], languages: dict[str, float]) -> StepPlan:
-    """The global batch of ``step``: a pure function of (index, seed, step)."""
+              caption_types: dict[str, float], languages: dict[str, float],
+              caption_kinds: dict[str, float] | None = None) -> StepPlan:
+    """The global batch of ``step``: a pure function of (index, seed, step). ``caption_types`` are the
+    general caption's length ratios, ``caption_kinds`` the caption-type ratios (data config);
+    None weighs every type alike."""
     rng = np.random.default_rng([seed, step])
     ti2i = bool(rng.random() >= t2i_ratio)
     keys, pools, probs = index.pools(ti2i)
     b = rng.choice(len(keys), p=probs)  # buckets in proportion to their size
     pool = pools[b]
     rows = rng.choice(pool, size=global_batch, replace=True)
-    text_rows = np.array([pick_variant(index.texts[r], caption_types, languages, rng, instruction=ti2i) for r in rows])
+    text_rows = np.array([pick_variant(index.texts[r], caption_kinds or dict.fromkeys((*CAPTION_TYPES, "alt"), 1.0), caption_types, languages, rng, instruction=ti2i) for r in rows])
     return StepPlan(ti2i, (int(keys[b][0]), int(keys[b][1])), rows, text_rows)
 
 

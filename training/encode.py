@@ -5,8 +5,11 @@ Two independent pipelines, so no work is done twice and neither holds the other'
 
 * images: curated rows with ``keep`` -> decode JPEG, resize/crop to the nearest aspect bucket -> VAE
   latent (+ SeFi semantic channels) on an actor pool -> ``latents.lance``;
-* text: every caption variant of every kept row (captions-table ``general`` JSON and the curated alt
-  text) plus one empty prompt -> condition-encoder states on an actor pool -> ``text.lance``.
+* text: every caption variant of every kept row (the captions table, ``captioning/schema.py``, read
+  and rendered by ``captioning.schema.caption_variants``: general short/medium/dense, text,
+  knowledge, structured, each en/zh; plus the curated alt text) and one empty prompt ->
+  condition-encoder states on an actor pool -> ``text.lance``. Rows whose captioning failed (or
+  that were not captioned) have only their alt text; the summary counts them.
 
 Each table is written by one ``write_lance`` commit (workers write fragments, the driver commits
 once), so a killed job leaves the previous table untouched and a rerun rewrites it whole: no lost and
@@ -26,7 +29,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from training.data import bucket_table, caption_variants, nearest_bucket, resize_to_bucket
+from captioning.schema import SCHEMA as CAPTIONS_SCHEMA
+from captioning.schema import TRAINING_COLUMNS
+from training.data import bucket_table, image_variants, nearest_bucket, resize_to_bucket
 from training.encoders import VAE, SemanticEncoder, TextEncoder
 from training.latents_schema import latent_schema, read_metadata, text_schema, to_bytes
 
@@ -155,13 +160,13 @@ def _explode_captions(batch: pa.Table, captions: str | None = None, captions_ver
     import pyarrow.compute as pc
 
     ids_b = batch.column("id")
-    general = {}
+    rows = {}
     if captions:
-        cap = lance.dataset(captions, version=captions_version).to_table(columns=["id", "general"], filter=pc.field("id").isin(ids_b))
-        general = dict(zip(cap.column("id").to_pylist(), cap.column("general").to_pylist(), strict=True))
+        cap = lance.dataset(captions, version=captions_version).to_table(columns=list(TRAINING_COLUMNS), filter=pc.field("id").isin(ids_b))
+        rows = {r["id"]: r for r in cap.to_pylist()}
     ids, kinds, langs, texts = [], [], [], []
-    for i, cap_text in zip(ids_b.to_pylist(), batch.column("caption").to_pylist(), strict=True):
-        for k, lg, t in caption_variants(cap_text, general.get(i)):
+    for i, alt in zip(ids_b.to_pylist(), batch.column("caption").to_pylist(), strict=True):
+        for k, lg, t in image_variants(alt, rows.get(i)):
             ids.append(i), kinds.append(k), langs.append(lg), texts.append(t)
     return pa.table({"id": pa.array(ids, pa.string()), "kind": pa.array(kinds, pa.string()),
                      "lang": pa.array(langs, pa.string()), "text": pa.array(texts, pa.string())})
@@ -199,7 +204,7 @@ def validate_settings(s: EncodeSettings) -> None:
     """One-line errors naming the flag, before any work."""
     _require_table("--curated", s.curated, {"id", "caption", "keep", "image"}, " (see curation/schema.py)")
     if s.captions:
-        _require_table("--captions", s.captions, {"id", "general"})
+        _require_table("--captions", s.captions, set(CAPTIONS_SCHEMA.names), " (a captions table from jobs/caption.py, captioning/schema.py)")
     if s.edit_pairs:
         _require_table("--edit-pairs", s.edit_pairs, {"id", "source_id", "instruction"})
     if s.resolution % 16 or s.resolution < 32:
@@ -261,5 +266,31 @@ def run_encode(s: EncodeSettings, progress: bool = True) -> dict:
     lat, txt = lance.dataset(lat_uri), lance.dataset(txt_uri)
     summary.update(images=lat.count_rows(), captions=txt.count_rows() - 1,
                    edit_pairs=0 if pair_rows is None else pair_rows.num_rows, latents_version=lat.version,
-                   text_version=txt.version, seconds=round(time.time() - t0, 1))
+                   text_version=txt.version, **caption_counts(lat, txt, s.captions and lance.dataset(s.captions, version=cap_ver)),
+                   seconds=round(time.time() - t0, 1))
     return summary
+
+
+def caption_counts(lat: lance.LanceDataset, txt: lance.LanceDataset, cap: lance.LanceDataset | None) -> dict:
+    """What reached the text table: variants per kind/lang, and the T2I images by captioning outcome:
+    ``captioned`` (caption variants encoded), ``failed`` (captioning failed) and ``missing`` (not in
+    the captions table) fall back to their alt text; ``no_text`` have neither, so T2I never draws
+    them."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("lat", lat.to_table(columns=["id"], filter="ref_id IS NULL"))
+    con.register("txt", txt.to_table(columns=["id", "kind", "lang"]))
+    con.register("cap", cap.to_table(columns=["id", "caption_status"]) if cap is not None
+                 else pa.table({"id": pa.array([], pa.string()), "caption_status": pa.array([], pa.string())}))
+    variants = con.sql("SELECT kind || '/' || lang, count(*) FROM txt WHERE kind <> 'null' GROUP BY 1 ORDER BY 1").fetchall()
+    outcome = con.sql("""
+        WITH per AS (
+            SELECT l.id, any_value(c.caption_status) AS status,
+                   count(t.kind) FILTER (WHERE t.kind <> 'alt') AS captions, count(t.kind) FILTER (WHERE t.kind = 'alt') AS alt
+            FROM lat l LEFT JOIN cap c USING (id) LEFT JOIN txt t USING (id) GROUP BY l.id)
+        SELECT CASE WHEN captions > 0 THEN 'captioned' WHEN alt = 0 THEN 'no_text'
+                    WHEN status IS NULL THEN 'missing' ELSE 'failed' END, count(*) FROM per GROUP BY 1""").fetchall()
+    by_outcome = dict.fromkeys(("captioned", "failed", "missing", "no_text"), 0) | dict(outcome)
+    return {"caption_variants": dict(variants), "images_by_caption": by_outcome,
+            "alt_text_fallback": by_outcome["failed"] + by_outcome["missing"]}

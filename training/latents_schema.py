@@ -5,9 +5,11 @@ A cache directory holds two Lance tables:
 * ``latents.lance``: one row per kept curated image, its VAE latent at the aspect bucket it was
   resized to (plus, for TI2I rows, the reference image's latent at the same bucket).
 * ``text.lance``: one row per (image, caption variant): the condition encoder's hidden states of that
-  caption. Variants are ``kind`` x ``lang`` (``short``/``medium``/``dense`` x ``en``/``zh`` from the
-  captioning table, ``original`` for the curated alt text, ``instruction`` for TI2I edit
-  instructions). One row with ``kind == "null"`` holds the empty prompt used for caption dropout
+  caption. Variants are ``kind`` x ``lang``: from the captions table (rendered by
+  ``captioning.schema.caption_variants``, the one definition) the general caption's ``short`` /
+  ``medium`` / ``dense`` and the ``text``, ``knowledge`` and ``structured`` captions, each ``en`` /
+  ``zh``; ``alt`` for the curated alt text (lang ``und``); ``instruction`` for TI2I edit
+  instructions. One row with ``kind == "null"`` holds the empty prompt used for caption dropout
   and classifier-free guidance.
 
 Keeping text apart lets the trainer pick a caption variant per step by the stage's ratios without
@@ -24,8 +26,10 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from captioning.schema import VARIANT_KINDS
+
 # Caption-variant kinds. "null" is the single empty-prompt row.
-T2I_KINDS = ("short", "medium", "dense", "original")
+T2I_KINDS = (*VARIANT_KINDS, "alt")
 KINDS = (*T2I_KINDS, "instruction", "null")
 
 LATENT_FIELDS: dict[str, tuple[pa.DataType, str]] = {
@@ -41,7 +45,7 @@ LATENT_BLOBS = ("latent", "ref_latent")
 TEXT_FIELDS: dict[str, tuple[pa.DataType, str]] = {
     "id": (pa.string(), "image id this caption belongs to ('' for the null prompt)"),
     "kind": (pa.string(), "one of KINDS"),
-    "lang": (pa.string(), "en / zh / und (original alt text: language unknown)"),
+    "lang": (pa.string(), "en / zh / und (alt text: language unknown)"),
     "text": (pa.string(), "the caption text that was encoded"),
     "length": (pa.int32(), "number of encoder tokens (rows of states)"),
 }

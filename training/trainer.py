@@ -179,7 +179,7 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.fault_injection_step is not None and start == 0 and step == cfg.fault_injection_step and rank == min(1, world - 1):
             raise RuntimeError(f"fault_injection_step: injected worker failure before step {step}")
         plan = plan_step(index, step, cfg.data.global_batch_size, cfg.data.seed, cfg.data.t2i_ratio,
-                         cfg.data.caption_types, cfg.data.languages)
+                         cfg.data.caption_types, cfg.data.languages, cfg.data.caption_kinds)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         rows, trows = plan.latent_rows[mine], plan.text_rows[mine]
         loss_sum = torch.zeros((), device=device)

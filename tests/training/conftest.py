@@ -28,12 +28,12 @@ def source_tables(tmp_path_factory):
     root = tmp_path_factory.mktemp("tables")
     curated, captions, pairs = str(root / "curated.lance"), str(root / "captions.lance"), str(root / "pairs.lance")
     ids = tiny.make_curated_table(curated)
-    tiny.make_captions_table(captions, ids)
+    caption_rows = tiny.make_captions_table(captions, curated, ids)  # id -> caption types / failed / missing
     # Edit pairs: target id, source id, instruction (the TI2I data).
     lance.write_dataset(pa.table({"id": ids[1:7], "source_id": ids[0:6],
                                   "instruction": [f"make the {w} house big" for w in tiny.WORDS[1:7]],
                                   "lang": ["en"] * 6}), pairs)
-    return {"curated": curated, "captions": captions, "pairs": pairs, "ids": ids}
+    return {"curated": curated, "captions": captions, "pairs": pairs, "ids": ids, "caption_rows": caption_rows}
 
 
 @pytest.fixture(scope="session")

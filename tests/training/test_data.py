@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from training.data import LatentIndex, bucket_table, caption_variants, nearest_bucket, pick_variant, plan_step
+from training.data import LatentIndex, bucket_table, image_variants, nearest_bucket, pick_variant, plan_step
 
 
 @pytest.mark.parametrize("res", [256, 512, 1024, 2048])
@@ -24,26 +24,41 @@ def test_bucket_tables_keep_area_and_span_aspect_ratios(res):
     assert nearest_bucket(100, 100, b) == (res, res)
 
 
-def test_caption_variants_from_captioning_json_and_alt_text():
-    g = json.dumps({"short": {"en": "cat", "zh": "猫"}, "medium": {"en": " "}, "dense": {"en": "a long one"}})
-    assert caption_variants("alt", g) == [("short", "en", "cat"), ("short", "zh", "猫"), ("dense", "en", "a long one"),
-                                          ("original", "und", "alt")]
-    assert caption_variants("alt", None) == [("original", "und", "alt")]
-    assert caption_variants(None, "not json") == []
+def test_image_variants_render_a_captions_row_and_add_the_alt_text():
+    from captioning.schema import SCHEMA, STATUS_FAILED, STATUS_OK
+
+    g = {"en": {"short": "cat", "medium": " ", "dense": "a long one"}, "zh": {"short": "猫", "medium": "", "dense": "长的"}}
+    k = {"entities": [], "en": "a cat", "zh": "一只猫"}
+    row = dict.fromkeys(SCHEMA.names) | {"id": "x", "caption_status": STATUS_OK, "caption_general": json.dumps(g),
+                                          "caption_knowledge": json.dumps(k)}
+    assert image_variants("alt", row) == [("short", "en", "cat"), ("short", "zh", "猫"), ("dense", "en", "a long one"),
+                                          ("dense", "zh", "长的"), ("knowledge", "en", "a cat"),
+                                          ("knowledge", "zh", "一只猫"), ("alt", "und", "alt")]
+    # A failed row (its valid partial captions included) and a missing row: the alt text only.
+    assert image_variants("alt", row | {"caption_status": STATUS_FAILED}) == [("alt", "und", "alt")]
+    assert image_variants("alt", None) == [("alt", "und", "alt")]
+    assert image_variants(None, None) == []
 
 
-def test_pick_variant_follows_ratios_renormalised_over_what_exists():
+KINDS = {"general": 0.6, "text": 0.2, "knowledge": 0.0, "structured": 0.1, "alt": 0.1}
+LENGTHS, LANGS = {"short": 0.2, "medium": 0.3, "dense": 0.5}, {"en": 0.8, "zh": 0.2}
+
+
+def test_pick_variant_draws_type_length_and_language_by_ratios_renormalised_over_what_exists():
     rng = np.random.default_rng(0)
-    avail = [(0, "short", "en"), (1, "short", "zh"), (2, "dense", "en"), (3, "original", "und")]
-    types, langs = {"short": 0.2, "medium": 0.3, "dense": 0.5}, {"en": 0.8, "zh": 0.2}
-    c = Counter(pick_variant(avail, types, langs, rng) for _ in range(20000))
-    # medium is missing: short 0.2/0.7, dense 0.5/0.7; within short, en 0.8 / zh 0.2; alt text never
-    assert c[2] / 20000 == pytest.approx(0.5 / 0.7, abs=0.015)
-    assert c[0] / 20000 == pytest.approx(0.2 / 0.7 * 0.8, abs=0.015)
-    assert c[1] / 20000 == pytest.approx(0.2 / 0.7 * 0.2, abs=0.015)
-    assert c[3] == 0
-    assert pick_variant([(7, "original", "und")], types, langs, rng) == 7  # fallback to the alt text
-    assert pick_variant(avail + [(9, "instruction", "en")], types, langs, rng, instruction=True) == 9
+    avail = [(0, "short", "en"), (1, "short", "zh"), (2, "dense", "en"), (3, "alt", "und"), (4, "text", "en"),
+             (5, "text", "zh"), (6, "knowledge", "en")]
+    n = 40000
+    c = Counter(pick_variant(avail, KINDS, LENGTHS, LANGS, rng) for _ in range(n))
+    # types present: general .6, text .2, knowledge 0 (never), alt .1 -> /0.9 (no structured caption)
+    # general: medium missing -> short .2/.7, dense .5/.7; short en .8 / zh .2 (dense has en only)
+    expect = {0: .6 / .9 * .2 / .7 * .8, 1: .6 / .9 * .2 / .7 * .2, 2: .6 / .9 * .5 / .7, 3: .1 / .9,
+              4: .2 / .9 * .8, 5: .2 / .9 * .2, 6: 0.0}
+    for row, p in expect.items():
+        assert c[row] / n == pytest.approx(p, abs=0.012), row
+    assert pick_variant([(7, "alt", "und")], KINDS, LENGTHS, LANGS, rng) == 7  # failed/missing captions: alt text
+    assert pick_variant([(7, "alt", "und"), (8, "knowledge", "en")], KINDS | {"alt": 0.0}, LENGTHS, LANGS, rng) == 7
+    assert pick_variant(avail + [(9, "instruction", "en")], KINDS, LENGTHS, LANGS, rng, instruction=True) == 9
 
 
 def _index(n=50):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import lance
@@ -35,17 +34,35 @@ def test_cache_has_one_latent_row_per_kept_image_plus_edit_pairs(cache, source_t
 
 
 def test_text_rows_cover_every_caption_variant_and_the_null_prompt(cache, source_tables):
-    txt = lance.dataset(f"{cache['dir']}/text.lance").to_table(columns=["id", "kind", "lang", "length"]).to_pylist()
+    """The captions table written by the captioning job's own writer reaches the text table: every
+    caption type x length x language of ok rows, the alt text of every row; failed and missing rows
+    have only their alt text and are counted in the summary."""
+    txt = lance.dataset(f"{cache['dir']}/text.lance").to_table(columns=["id", "kind", "lang", "text", "length"]).to_pylist()
     by_id: dict[str, set] = {}
     for r in txt:
         by_id.setdefault(r["id"], set()).add((r["kind"], r["lang"]))
         assert r["length"] > 0
     assert by_id[""] == {("null", "und")}
-    caps = {r["id"]: json.loads(r["general"]) for r in lance.dataset(source_tables["captions"]).to_table().to_pylist()}
-    for i in source_tables["ids"]:
-        want = {(k, lg) for k, langs in caps[i].items() for lg in langs} | {("original", "und")}
-        assert by_id[i] == want
+    both = {"en", "zh"}
+    for i, what in source_tables["caption_rows"].items():
+        kinds = {"failed": set(), "missing": set()}.get(what)
+        if kinds is None:
+            kinds = {k for t in what.split("+") for k in (("short", "medium", "dense") if t == "general" else (t,))}
+        assert by_id[i] == {(k, lg) for k in kinds for lg in both} | {("alt", "und")}, (i, what)
     assert sum(1 for r in txt if r["kind"] == "instruction") == 6
+    full = next(i for i, w in source_tables["caption_rows"].items() if w.count("+") == 3)
+    text = {(r["kind"], r["lang"]): r["text"] for r in txt if r["id"] == full}
+    # The structured caption's documented rendering, and the text caption's unquoted block appended.
+    assert text[("structured", "en")] == ('a diagram of a cat in a house\nFigure: diagram\n'
+                                          'Elements: "cat" (color: red); "house"\nRelations: "cat" -in-> "house"')
+    assert text[("structured", "zh")].startswith("一张示意图：一只猫在一座房子里面，箭头指向房子。\n图类型: diagram\n元素: ")
+    assert text[("text", "en")] == 'a green sign with the text "SALE" on top\nText: "big sale"'
+    assert text[("alt", "und")] == "a red photo of a cat"
+    s = cache["summary"]
+    assert s["images_by_caption"] == {"captioned": 9, "failed": 2, "missing": 1, "no_text": 0}
+    assert s["alt_text_fallback"] == 3
+    assert s["caption_variants"]["structured/zh"] == 3 and s["caption_variants"]["alt/und"] == 12
+    assert s["caption_variants"]["dense/en"] == 9 and s["caption_variants"]["text/zh"] == 6
 
 
 def test_provenance_recorded_and_rerun_is_skipped_without_duplicates(cache, encode_settings, source_tables):

@@ -95,14 +95,55 @@ def make_curated_table(uri: str, n: int = 12, seed: int = 0) -> list[str]:
     return [r["id"] for r in rows if r["keep"]]
 
 
-def make_captions_table(uri: str, ids: list[str]) -> None:
-    """The captioning job's output shape: per id a ``general`` JSON of short/medium/dense x en/zh."""
-    gen = []
-    for k, _ in enumerate(ids):
-        g = {"short": {"en": f"a {WORDS[1 + k % 3]} cat", "zh": "猫"},
-             "medium": {"en": f"a photo of a {WORDS[1 + k % 3]} cat on the sea"},
-             "dense": {"en": f"a big photo of a {WORDS[1 + k % 3]} cat in the house with a small tree", "zh": "狗 房子"}}
+def make_captions_table(uri: str, curated_uri: str, ids: list[str]) -> dict[str, str]:
+    """A captions table written by the captioning job's own row builder and writer
+    (``captioning.pipeline.result_row`` / ``CaptionWriter``, schema ``captioning/schema.py``), with
+    answers valid under the v1 prompt set's JSON schemas. Per id, by position k: k % 4 == 0 every
+    caption type, 1 general only, 2 general + text, 3 a failed row (falls back to the alt text); the
+    last id is left out (not captioned). Returns id -> what the row is."""
+    from captioning.client import Outcome
+    from captioning.config import PACKAGE_DIR, load_config
+    from captioning.pipeline import CaptionWriter, result_row
+    from captioning.prompts import ROUTE, PromptSet
+
+    v1 = PromptSet.load(PACKAGE_DIR, "v1")
+    cfg = load_config(input=curated_uri, output=uri, model="tiny-test-vlm", prompt_version="v1")
+    source_version = lance.dataset(curated_uri).version
+
+    def ok(kind: str, value: dict) -> Outcome:
+        text = json.dumps(value, ensure_ascii=False)
+        return Outcome(kind, 1, text=text, value=v1.validate(kind, text))
+
+    rows, what = [], {}
+    for k, i in enumerate(ids[:-1]):
+        c = WORDS[1 + k % 3]
+        general = {"en": {"short": f"a {c} cat photo", "medium": f"a photo of a {c} cat on the sea with a small tree",
+                          "dense": f"a big photo of a {c} cat in the house with a small tree and a blue sky, "
+                                   f"the cat is on the big red car in the image with a green sign and text"},
+                   "zh": {"short": "一只猫的照片", "medium": "海边一只猫的照片，旁边有一棵小树和一座房子。",
+                          "dense": "一张大照片：房子里有一只猫，旁边有一棵小树和蓝色的天空，猫在一辆大红车上，"
+                                   "图片里还有一个绿色的牌子和文字，背景是蓝色的大海和白色的云，光线明亮柔和，画面构图简洁。"}}
+        kinds = ["general", "text", "knowledge", "structured"] if k % 4 == 0 else ["general", "text"] if k % 4 == 2 else ["general"]
+        route = {"has_text": "text" in kinds, "is_structured": "structured" in kinds, "has_known_entities": "knowledge" in kinds}
+        outs = [ok("general", general)]
+        if "text" in kinds:
+            outs.append(ok("text", {"layout": "sign", "blocks": [{"text": "SALE", "position": "top", "role": "title"},
+                                                                 {"text": "big sale", "position": "bottom", "role": "body"}],
+                                    "en": 'a green sign with the text "SALE" on top', "zh": '一个绿色的牌子，顶部用白色大字写着"SALE"。'}))
+        if "knowledge" in kinds:
+            outs.append(ok("knowledge", {"entities": [{"name": "cat", "type": "species", "confidence": "high"}],
+                                         "en": "a cat, a small domestic animal kept as a pet",
+                                         "zh": "猫是一种常见的家养小动物，常被当作宠物饲养。"}))
+        if "structured" in kinds:
+            outs.append(ok("structured", {"kind": "diagram", "entities": [
+                {"id": "a", "label": "cat", "attributes": {"color": c}}, {"id": "b", "label": "house", "attributes": {}}],
+                "relations": [{"source": "a", "target": "b", "type": "in", "label": ""}],
+                "en": "a diagram of a cat in a house", "zh": "一张示意图：一只猫在一座房子里面，箭头指向房子。"}))
         if k % 4 == 3:
-            g = {}  # no caption: falls back to the curated alt text
-        gen.append(json.dumps(g, ensure_ascii=False))
-    lance.write_dataset(pa.table({"id": ids, "general": gen}), uri, mode="overwrite")
+            outs[0] = Outcome("general", 3, error_kind="length", error="answer cut at max_tokens")
+        rows.append(result_row(cfg, i, ok(ROUTE, route), outs, source_version))
+        what[i] = "failed" if k % 4 == 3 else "+".join(kinds)
+    writer = CaptionWriter(cfg, curated_uri, source_version)
+    writer.commit(rows)
+    what[ids[-1]] = "missing"
+    return what
