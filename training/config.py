@@ -55,9 +55,14 @@ class DataConfig:
     """Samples per optimizer step over all workers."""
     micro_batch_size: int | None = None
     """Samples per forward/backward per worker; the rest is gradient accumulation. None: all."""
+    caption_kinds: dict[str, float] = field(default_factory=lambda: {
+        "general": 0.65, "text": 0.1, "knowledge": 0.1, "structured": 0.1, "alt": 0.05})
+    """Sampling ratios of caption types (captioning/README.md): general, text, knowledge, structured,
+    and the curated alt text; types an image lacks are dropped and the rest renormalised; an image
+    with no captions (captioning failed or not run) uses its alt text."""
     caption_types: dict[str, float] = field(default_factory=lambda: {"short": 0.2, "medium": 0.3, "dense": 0.5})
-    """Sampling ratios of caption lengths; variants missing for an image are dropped and the rest
-    renormalised; an image with none of them uses its original alt text."""
+    """Sampling ratios of the general caption's lengths; lengths missing for an image are dropped and
+    the rest renormalised."""
     languages: dict[str, float] = field(default_factory=lambda: {"en": 0.8, "zh": 0.2})
     """Sampling ratios of caption languages (same fallback rule)."""
     t2i_ratio: float = 0.9
@@ -166,6 +171,7 @@ def validate(c: TrainConfig):
     if d.micro_batch_size is not None:
         _check(d.micro_batch_size > 0 and per % d.micro_batch_size == 0, "data.micro_batch_size",
                f"must divide the per-worker batch {per}")
+    _ratios(d.caption_kinds, "data.caption_kinds", ("general", "text", "knowledge", "structured", "alt"))
     _ratios(d.caption_types, "data.caption_types", ("short", "medium", "dense"))
     _ratios(d.languages, "data.languages", ("en", "zh"))
     _check(d.t2i_ratio >= 0 and d.ti2i_ratio >= 0, "data.t2i_ratio", "ratios must be >= 0")
