@@ -36,22 +36,49 @@ class CaptionConfig:
     prompt_root: str = str(PACKAGE_DIR)
     """Directory that holds prompts/ and schemas/."""
     max_tokens: int = 4096
-    """Generation bound for a caption request; a response cut at this bound is a failed attempt."""
+    """Generation bound for a caption request. An answer cut at this bound is retried with twice the
+    bound, up to `max_tokens_cap`; still cut at the cap, the row fails with reason `length`."""
     route_max_tokens: int = 64
-    """Generation bound for the routing request (three booleans fit in ~30 tokens)."""
+    """Generation bound for the routing request (three booleans fit in ~30 tokens); doubled on a cut
+    answer like `max_tokens`."""
+    max_tokens_cap: int = 16384
+    """Upper bound for the raised generation bound of a retried, cut answer."""
+    max_pixels: int = 1003520
+    """Pixel budget of an image sent to the model (1280 x 28 x 28, Qwen2.5-VL's usual max_pixels):
+    larger images are downscaled, aspect kept, before they are sent; smaller ones go as stored,
+    with their real MIME type."""
     temperature: float = 0.2
     """Sampling temperature. Retries use a new seed, so a retried request can produce another
     answer even at low temperature."""
     seed: int = 0
     """Base sampling seed; each row and attempt derives its own seed from it (client.request_seed)."""
     max_attempts: int = 3
-    """Bound on attempts per request, counting every HTTP attempt (429/5xx/connection errors,
-    truncated or schema-invalid answers)."""
+    """Bound on attempts per request: 429/5xx, timeouts, connection errors while the server answers
+    its health probe, cut or schema-invalid answers. Connection errors during an outage (the server
+    does not answer the probe) count nothing: the job pauses instead (`server_patience_s`)."""
     backoff_s: float = 0.5
-    """First retry delay; doubles per attempt (429 and 5xx only; an invalid answer is retried at
-    once)."""
-    request_timeout_s: float = 600.0
-    """Per-request HTTP timeout (server mode)."""
+    """First retry delay after 429/5xx, a timeout or a connection error; doubles per attempt up to
+    `backoff_max_s`, with jitter (each delay drawn in [d/2, d]). A Retry-After header wins."""
+    backoff_max_s: float = 30.0
+    """Cap of the retry delay (and of the health-probe interval during an outage)."""
+    connect_timeout_s: float = 10.0
+    """Time to open a connection to the server (server mode)."""
+    read_timeout_s: float = 600.0
+    """Time to wait for the server's answer once a request is sent (a long caption on a busy
+    server takes minutes)."""
+    server_patience_s: float = 600.0
+    """How long the job waits for an unreachable server (all requests paused) before it commits the
+    finished rows and stops with a non-zero exit; rerun the same command to resume."""
+    recaption: bool = False
+    """Caption again rows already `ok` under another model or prompt version (a rerun otherwise
+    only captions rows that failed or are missing). The replaced row's model and prompt version are
+    kept in `previous_model` / `previous_prompt_version`; a failed recaption keeps the ok row."""
+    ocr_engine: str = "rapidocr"
+    """OCR engine that reads back every image routed to a text caption (common/ocr.py: rapidocr or
+    tesseract), or `none` to skip the check."""
+    ocr_min_agreement: float = 0.5
+    """Character agreement (common.ocr.char_agreement) between the text caption's transcribed blocks
+    and the OCR text below which the text caption is asked again once, then kept with `ocr_flag`."""
     concurrency: int = 32
     """Requests in flight per captioning actor (server mode); set it to about the server's
     --max-num-seqs times the number of servers behind the URL."""
@@ -95,8 +122,15 @@ class CaptionConfig:
                 raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.temperature <= 2.0:
             raise ConfigError(f"config field 'temperature' must be in [0, 2], got {self.temperature}")
-        if self.backoff_s < 0 or self.request_timeout_s <= 0:
-            raise ConfigError("config fields 'backoff_s' >= 0 and 'request_timeout_s' > 0 required")
+        for name in ("connect_timeout_s", "read_timeout_s", "max_pixels", "max_tokens_cap"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config field '{name}' must be > 0, got {getattr(self, name)}")
+        if self.backoff_s < 0 or self.backoff_max_s < self.backoff_s or self.server_patience_s < 0:
+            raise ConfigError("config fields need 0 <= backoff_s <= backoff_max_s and server_patience_s >= 0")
+        if self.ocr_engine not in ("rapidocr", "tesseract", "none"):
+            raise ConfigError(f"config field 'ocr_engine' must be rapidocr, tesseract or none, got {self.ocr_engine!r}")
+        if not 0.0 <= self.ocr_min_agreement <= 1.0:
+            raise ConfigError(f"config field 'ocr_min_agreement' must be in [0, 1], got {self.ocr_min_agreement}")
         for key in ("model", "messages", "response_format", "max_tokens", "seed"):
             if key in self.extra_request:
                 raise ConfigError(f"config field 'extra_request' must not set '{key}' (the job sets it)")

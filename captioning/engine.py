@@ -79,9 +79,9 @@ def engine_request(prompts: PromptSet, cfg: CaptionConfig, row: dict[str, Any]) 
     return {
         "id": row["id"],
         "kind": kind,
-        "messages": prompts.messages(kind, row["image"]),
+        "messages": prompts.messages(kind, row["image"], row["mime"]),
         "sampling_params": {
-            "max_tokens": cfg.route_max_tokens if kind == ROUTE else cfg.max_tokens,
+            "max_tokens": int(row["max_tokens"]),
             "temperature": cfg.temperature,
             "seed": int(row["seed"]),
             "structured_outputs": {"json": prompts.schemas[kind]},
@@ -100,14 +100,14 @@ def engine_answer(row: dict[str, Any]) -> dict[str, Any]:
             "error": row.get("__inference_error__", row.get("error")) or ""}
 
 
-def judge(prompts: PromptSet, cfg: CaptionConfig, answer: dict[str, Any], attempts: int) -> Outcome:
+def judge(prompts: PromptSet, cfg: CaptionConfig, answer: dict[str, Any], attempts: int, limit: int) -> Outcome:
     """The same checks as the HTTP client: engine error, cut at max_tokens, JSON + schema."""
     kind = answer["kind"]
     if answer["error"]:
         return Outcome(kind, attempts, error_kind="engine", error=str(answer["error"])[:300])
-    limit = cfg.route_max_tokens if kind == ROUTE else cfg.max_tokens
     if answer["num_tokens"] >= limit:
-        return Outcome(kind, attempts, error_kind="length", error=f"answer cut at max_tokens ({limit} tokens)")
+        return Outcome(kind, attempts, error_kind="length",
+                       error=f"answer cut at max_tokens={limit} (cap max_tokens_cap={cfg.max_tokens_cap})")
     try:
         value = prompts.validate(kind, answer["text"])
     except InvalidResponse as e:
@@ -116,15 +116,26 @@ def judge(prompts: PromptSet, cfg: CaptionConfig, answer: dict[str, Any], attemp
 
 
 class ReadImages:
-    """Ray Data UDF: JPEG bytes for (id, row address) rows, read from the pinned curated version."""
+    """Ray Data UDF: the image of (id, row address) rows, read from the pinned curated version and
+    prepared as in server mode (downscaled to max_pixels, real MIME type)."""
 
-    def __init__(self, uri: str, version: int):
+    def __init__(self, uri: str, version: int, max_pixels: int):
         self.ds = lance.dataset(uri, version=version)
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from captioning.images import prepare_image
+
         addrs = [int(a) for a in batch["addr"]]
         blobs = dict(self.ds.read_blobs("image", addresses=addrs))
-        return {**batch, "image": [blobs.get(a) for a in addrs]}
+        images, mimes = [], []
+        for a in addrs:
+            try:
+                img = prepare_image(blobs.get(a) or b"", self.max_pixels)
+                images.append(img.data), mimes.append(img.mime)
+            except ValueError:  # the engine's image stage reports the row's error
+                images.append(blobs.get(a) or b""), mimes.append("image/jpeg")
+        return {**batch, "image": images, "mime": mimes}
 
 
 @dataclass
@@ -153,7 +164,8 @@ def _generate(processor, cfg: CaptionConfig, src: lance.LanceDataset,
     import ray
 
     ds = ray.data.from_items(requests)
-    ds = ds.map_batches(ReadImages, fn_constructor_kwargs={"uri": cfg.input, "version": src.version},
+    ds = ds.map_batches(ReadImages, fn_constructor_kwargs={"uri": cfg.input, "version": src.version,
+                                                           "max_pixels": cfg.max_pixels},
                         batch_size=cfg.engine_batch_size, compute=ray.data.ActorPoolStrategy(size=1))
     ds = processor(ds)
     for row in ds.iter_rows():
@@ -161,14 +173,14 @@ def _generate(processor, cfg: CaptionConfig, src: lance.LanceDataset,
 
 
 def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, done: set[str],
-               writer, summary) -> None:
+               writer, summary, stored: dict | None = None) -> None:
     rows = _todo(src, done, summary)
     if not rows:
         return  # a rerun with every row done starts neither Ray nor an engine
     import ray
     from ray.data.llm import build_processor
 
-    from captioning.pipeline import count_row, result_row
+    from captioning.pipeline import combine_parts, count_row, ocr_columns, result_row
 
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, ignore_reinit_error=True, runtime_env=RUNTIME_ENV)
@@ -185,20 +197,38 @@ def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, 
         postprocess=engine_answer,
     )
 
+    stored = stored or {}
+    limits: dict[tuple[str, str], int] = {}  # (id, part) -> max_tokens, doubled after a cut answer
+
     def requests_for(pairs: Iterable[tuple[str, str]], attempt: int) -> list[dict[str, Any]]:
-        return [{"id": i, "kind": k, "addr": rows[i].addr, "seed": request_seed(cfg, i, attempt)}
-                for i, k in pairs]
+        out = []
+        for i, k in pairs:
+            base = cfg.route_max_tokens if k == ROUTE else cfg.max_tokens
+            limits[i, k] = min(cfg.max_tokens_cap, 2 * limits[i, k]) if (i, k) in limits and attempt else base
+            out.append({"id": i, "kind": k, "addr": rows[i].addr, "seed": request_seed(cfg, i, attempt),
+                        "max_tokens": limits[i, k]})
+        return out
+
+    def parts_of(st: _RowState) -> list[str]:
+        return [p for t in caption_types(st.route.value) for p in prompts.parts[t]]
 
     def finish(row_id: str) -> None:
         st = rows.pop(row_id)
         lost = "no answer came back from the engine"
         st.route = st.route or Outcome(ROUTE, 0, error_kind="engine", error=lost)
+        outs, ocr = [], None
         if st.route.ok:
             for t in caption_types(st.route.value):
-                st.captions.setdefault(t, Outcome(t, 0, error_kind="engine", error=lost))
-        row = result_row(cfg, row_id, st.route, list(st.captions.values()), src.version)
-        writer.add(row)
-        count_row(summary, row)
+                parts = [st.captions.get(p) or Outcome(p, 0, error_kind="engine", error=lost) for p in prompts.parts[t]]
+                outs.append(combine_parts(prompts, t, parts))
+                if t == "text" and outs[-1].ok and cfg.ocr_engine != "none":  # checked once, no retry here
+                    from captioning.images import prepare_image
+
+                    blob = dict(src.read_blobs("image", addresses=[st.addr]))[st.addr]
+                    ocr = ocr_columns(cfg, outs[-1].text, prepare_image(blob, cfg.max_pixels).image)
+        row = result_row(cfg, row_id, st.route, outs, src.version, ocr, stored.get(row_id))
+        if count_row(summary, row, stored.get(row_id)):
+            writer.add(row)
         if len(writer.rows) >= cfg.commit_every:
             writer.commit(writer.take())
 
@@ -210,7 +240,7 @@ def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, 
         retry = []
         for answer in _generate(processor, cfg, src, requests_for(pending, attempt)):
             st = rows[answer["id"]]
-            st.route = judge(prompts, cfg, answer, attempt + 1)
+            st.route = judge(prompts, cfg, answer, attempt + 1, limits[answer["id"], ROUTE])
             if not st.route.ok:
                 retry.append((answer["id"], ROUTE))
         pending = retry
@@ -218,7 +248,7 @@ def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, 
         finish(row_id)  # routing failed max_attempts times: recorded as failed
 
     # Pass 1..n: captions of the routed types; a row is written once all its captions are in.
-    pending = [(i, t) for i, st in rows.items() for t in caption_types(st.route.value)]
+    pending = [(i, p) for i, st in rows.items() for p in parts_of(st)]
     for attempt in range(cfg.max_attempts):
         if not pending:
             break
@@ -227,10 +257,10 @@ def run_engine(cfg: CaptionConfig, prompts: PromptSet, src: lance.LanceDataset, 
         for answer in _generate(processor, cfg, src, requests_for(pending, attempt)):
             row_id, kind = answer["id"], answer["kind"]
             st = rows[row_id]
-            st.captions[kind] = outcome = judge(prompts, cfg, answer, attempt + 1)
+            st.captions[kind] = outcome = judge(prompts, cfg, answer, attempt + 1, limits[row_id, kind])
             if not outcome.ok and not last:
                 retry.append((row_id, kind))
-            elif len(st.captions) == len(caption_types(st.route.value)) and (
+            elif len(st.captions) == len(parts_of(st)) and (
                     last or all(o.ok for o in st.captions.values())):
                 finish(row_id)
         pending = retry

@@ -18,7 +18,7 @@ from typing import Any
 import jsonschema
 
 from captioning.config import ConfigError
-from captioning.schema import CAPTION_TYPES
+from captioning.schema import CAPTION_TYPES, LANGUAGES
 
 ROUTE = "route"
 KINDS: tuple[str, ...] = (ROUTE, *CAPTION_TYPES)
@@ -34,12 +34,23 @@ class InvalidResponse(ValueError):
 
 @dataclass(frozen=True)
 class PromptSet:
+    """A versioned prompt set. A caption type is asked in one request (`<type>.txt` + `<type>.json`:
+    both languages in one answer, as in v1) or in one request per language when the set has
+    `<type>.<lang>.txt` + `<type>.<lang>.json` for every language (v2): each language's part is
+    written from the image by an instruction in that language (with `system.<lang>.txt` as its
+    system prompt), and the parts' answers are merged key by key and checked against `<type>.json`,
+    the stored caption's schema. Request names ("parts") are the file stems: `general`,
+    `general.en`, `general.zh`, ..."""
+
     version: str
-    system: str
+    system: dict[str, str]
+    """language ("" = default) -> system prompt."""
     prompts: dict[str, str]
-    """kind -> user instruction (with the schema text substituted)."""
+    """part -> user instruction (with the schema text substituted)."""
     schemas: dict[str, dict[str, Any]]
-    """kind -> JSON schema (sent in every request and checked on every answer)."""
+    """part or caption type -> JSON schema (sent with every request and checked on every answer)."""
+    parts: dict[str, tuple[str, ...]]
+    """request kind (route or caption type) -> the parts it is asked in."""
 
     @classmethod
     def load(cls, root: str | Path, version: str) -> PromptSet:
@@ -48,41 +59,68 @@ class PromptSet:
         if not pdir.is_dir() or not sdir.is_dir():
             raise ConfigError(f"config field 'prompt_version': no prompt set {version!r} "
                               f"(expected {pdir} and {sdir})")
-        schemas: dict[str, dict[str, Any]] = {}
-        prompts: dict[str, str] = {}
-        for kind in KINDS:
-            sfile, pfile = sdir / f"{kind}.json", pdir / f"{kind}.txt"
-            for f in (sfile, pfile):
-                if not f.is_file():
-                    raise ConfigError(f"config field 'prompt_version': prompt set {version!r} lacks {f}")
+
+        def schema_of(sfile: Path) -> dict[str, Any]:
+            if not sfile.is_file():
+                raise ConfigError(f"config field 'prompt_version': prompt set {version!r} lacks {sfile}")
             try:
                 schema = json.loads(sfile.read_text())
                 jsonschema.Draft202012Validator.check_schema(schema)
             except (json.JSONDecodeError, jsonschema.SchemaError) as e:
                 raise ConfigError(f"config field 'prompt_version': {sfile} is not a valid JSON schema: "
                                   f"{str(e).splitlines()[0]}") from e
-            schemas[kind] = schema
-            prompts[kind] = pfile.read_text().strip().replace("{schema}", json.dumps(schema, ensure_ascii=False))
-        system = (pdir / "system.txt").read_text().strip() if (pdir / "system.txt").is_file() else ""
-        return cls(version=version, system=system, prompts=prompts, schemas=schemas)
+            return schema
+
+        schemas: dict[str, dict[str, Any]] = {}
+        prompts: dict[str, str] = {}
+        parts: dict[str, tuple[str, ...]] = {}
+        for kind in KINDS:
+            schemas[kind] = schema_of(sdir / f"{kind}.json")
+            split = kind != ROUTE and all((pdir / f"{kind}.{lang}.txt").is_file() for lang in LANGUAGES)
+            parts[kind] = tuple(f"{kind}.{lang}" for lang in LANGUAGES) if split else (kind,)
+            for part in parts[kind]:
+                pfile = pdir / f"{part}.txt"
+                if not pfile.is_file():
+                    raise ConfigError(f"config field 'prompt_version': prompt set {version!r} lacks {pfile}")
+                schemas[part] = schema_of(sdir / f"{part}.json")
+                prompts[part] = pfile.read_text().strip().replace("{schema}", json.dumps(schemas[part], ensure_ascii=False))
+        system = {lang: (pdir / f"system{'.' + lang if lang else ''}.txt").read_text().strip()
+                  for lang in ("", *LANGUAGES) if (pdir / f"system{'.' + lang if lang else ''}.txt").is_file()}
+        return cls(version=version, system=system, prompts=prompts, schemas=schemas, parts=parts)
 
     @functools.cached_property
     def _validators(self) -> dict[str, jsonschema.Draft202012Validator]:
         return {kind: jsonschema.Draft202012Validator(schema) for kind, schema in self.schemas.items()}
 
-    def messages(self, kind: str, image_jpeg: bytes) -> list[dict[str, Any]]:
-        """OpenAI chat messages: the system prompt, then the image and the instruction for `kind`.
+    def messages(self, part: str, image: bytes, mime: str = "image/jpeg") -> list[dict[str, Any]]:
+        """OpenAI chat messages: the system prompt (of the part's language, if the set has one), then
+        the image and the instruction for `part`.
 
         Both the HTTP client and ray.data.llm (vLLM's chat parser) take this format.
         """
-        url = "data:image/jpeg;base64," + base64.b64encode(image_jpeg).decode("ascii")
-        user = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": self.prompts[kind]}]
-        msgs: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
+        url = f"data:{mime};base64," + base64.b64encode(image).decode("ascii")
+        user = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": self.prompts[part]}]
+        lang = part.rsplit(".", 1)[1] if "." in part else ""
+        system = self.system.get(lang, self.system.get(""))
+        msgs: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         return msgs + [{"role": "user", "content": user}]
 
+    def merge(self, kind: str, texts: list[str]) -> tuple[str, Any]:
+        """The stored caption of `kind` from its parts' validated answers: the single answer
+        verbatim, or the parts' objects merged key by key (compact JSON, original strings);
+        raises InvalidResponse if the merge does not satisfy `<kind>.json`."""
+        if len(texts) == 1:
+            return texts[0], self.validate(kind, texts[0])
+        merged: dict[str, Any] = {}
+        for t in texts:
+            merged.update(json.loads(t))
+        text = json.dumps(merged, ensure_ascii=False, separators=(",", ":"))
+        return text, self.validate(kind, text)
+
     def response_format(self, kind: str) -> dict[str, Any]:
-        return {"type": "json_schema",
-                "json_schema": {"name": f"{kind}_{self.version}", "schema": self.schemas[kind], "strict": True}}
+        # OpenAI names allow [a-zA-Z0-9_-]: "general.zh" travels as "general-zh".
+        return {"type": "json_schema", "json_schema": {"name": f"{kind.replace('.', '-')}_{self.version}",
+                                                       "schema": self.schemas[kind], "strict": True}}
 
     def validate(self, kind: str, text: str) -> Any:
         """Parse and schema-check an answer; raise InvalidResponse(kind='invalid_json'|'schema')."""

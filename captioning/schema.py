@@ -24,20 +24,35 @@ FIELDS: dict[str, tuple[pa.DataType, str]] = {
     "caption_status": (pa.string(), "ok: every routed caption is schema-valid; failed: see caption_error"),
     "caption_error": (pa.string(), "why the row failed: '<type>: <reason>: <detail>'; null when ok"),
     "caption_error_kind": (pa.string(), "failure reason class (length, invalid_json, schema, http_5xx, "
-                                        "http_429, http_4xx, connection, timeout); null when ok"),
+                                        "http_429, http_4xx, connection, timeout, bad_image, no_image, "
+                                        "engine, internal); null when ok"),
     "route_text": (pa.bool_(), "routing: the image needs a text caption; null if routing failed"),
     "route_structured": (pa.bool_(), "routing: the image needs a structured caption"),
     "route_knowledge": (pa.bool_(), "routing: the image needs a knowledge caption"),
     "route_json": (pa.string(), "the routing answer as the model returned it"),
     **{f"caption_{t}": (pa.string(), f"validated JSON of the {t} caption, verbatim") for t in CAPTION_TYPES},
+    "ocr_engine": (pa.string(), "OCR engine that read the image back (text captions only; common/ocr.py)"),
+    "ocr_text": (pa.string(), "what OCR read in the image, lines joined with newlines; null without a text caption"),
+    "ocr_agreement": (pa.float32(), "character agreement (common.ocr.char_agreement) of the text caption's "
+                                     "transcribed blocks with ocr_text, in [0, 1]"),
+    "ocr_flag": (pa.bool_(), "true: ocr_agreement stayed below ocr_min_agreement after one retry (the "
+                             "transcription may be hallucinated; training leaves this text caption out)"),
     "attempts": (pa.int32(), "requests sent for this row, retries included"),
     "model": (pa.string(), "served model name or model path/id"),
     "prompt_version": (pa.string(), "prompt set version (captioning/prompts/<version>)"),
+    "previous_model": (pa.string(), "model of the ok row this row replaced on purpose (--recaption); else null"),
+    "previous_prompt_version": (pa.string(), "prompt version of the ok row this row replaced (--recaption)"),
     "source_version": (pa.int64(), "Lance version of the curated table the row was captioned from"),
     "captioned_at": (pa.timestamp("us", tz="UTC"), "when the row was written"),
 }
 
 SCHEMA = pa.schema([pa.field(n, t, nullable=(n != "id")) for n, (t, _) in FIELDS.items()])
+# Columns added after the first release: an older captions table gets them (all null) on its next run.
+ADDED_COLUMNS: tuple[str, ...] = ("ocr_engine", "ocr_text", "ocr_agreement", "ocr_flag", "previous_model",
+                                  "previous_prompt_version")
+# merge_insert guard: a new row replaces a stored one only if it is ok or the stored one is not, so an
+# ok caption is never replaced by a failed one (whatever the model, prompt version or --recaption).
+REPLACE_IF = f"source.caption_status = '{STATUS_OK}' OR target.caption_status <> '{STATUS_OK}'"
 
 
 def with_source_metadata(schema: pa.Schema, source_uri: str, source_version: int) -> pa.Schema:
@@ -58,7 +73,7 @@ _LABELS = {"en": {"text": "Text", "kind": "Figure", "entities": "Elements", "rel
 
 
 # Columns `caption_variants` reads (a reader selects only these).
-TRAINING_COLUMNS: tuple[str, ...] = ("id", "caption_status", *(f"caption_{t}" for t in CAPTION_TYPES))
+TRAINING_COLUMNS: tuple[str, ...] = ("id", "caption_status", *(f"caption_{t}" for t in CAPTION_TYPES), "ocr_flag")
 
 
 def variant_type(kind: str) -> str:

@@ -6,7 +6,9 @@
 With --server, requests go to an OpenAI-compatible vLLM server (--model is the served name); without
 it, vLLM engines run inside the Ray Data job (ray.data.llm, one per GPU worker). Exit status: 0 when
 the run finished (failed rows included, counted by reason), 2 when it could not run (bad input,
-server unreachable).
+server unreachable at the start), 3 when the server stayed unreachable longer than
+--server-patience (finished rows committed; rerun the same command to resume), 4 when a Lance commit
+failed (the rows of that commit are captioned again by the rerun).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from captioning.client import ServerUnreachable
+from captioning.client import ServerGone, ServerUnreachable
 from captioning.config import ConfigError, load_config
-from captioning.pipeline import run
+from captioning.pipeline import CommitFailed, run
 from captioning.report import stat_lines
 
 
@@ -36,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-attempts", dest="max_attempts", type=int, help="attempts per request (3)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, help="generation bound per caption")
     p.add_argument("--num-gpus", dest="num_gpus", type=int, help="engine replicas (in-cluster mode)")
+    p.add_argument("--server-patience", dest="server_patience_s", type=float, metavar="SECONDS",
+                   help="wait this long for an unreachable server, then commit and exit 3 (600)")
+    p.add_argument("--recaption", action="store_true", default=None,
+                   help="caption again rows ok under another model / prompt version (kept as previous_*)")
+    p.add_argument("--max-pixels", dest="max_pixels", type=int, help="downscale larger images before sending")
+    p.add_argument("--ocr-engine", dest="ocr_engine", help="rapidocr | tesseract | none (text-caption check)")
     p.add_argument("--report", help="HTML report path (default: <output>.report.html for local output)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     return p.parse_args(argv)
@@ -54,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ServerUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ServerGone as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except CommitFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     for line in summary.lines() + (stat_lines(summary.stats) if summary.stats else []):
         print(line)
     return 0

@@ -107,7 +107,7 @@ class ScriptedServer:
 
 
 def kind_of(body: dict[str, Any]) -> str:
-    return body["response_format"]["json_schema"]["name"].rsplit("_", 1)[0]
+    return body["response_format"]["json_schema"]["name"].rsplit("_", 1)[0].replace("-", ".")
 
 
 def image_of(body: dict[str, Any]) -> bytes:

@@ -50,8 +50,10 @@ def test_only_kept_rows_are_captioned_once_each_with_routing_and_provenance(tmp_
     rows = {r["id"]: r for r in out.to_table().to_pylist()}
     assert sorted(rows) == [f"id{i:03d}" for i, k in enumerate(keep) if k]
     assert summary.kept == 5 and summary.ok == 5 and summary.failed == 0
-    # Route says text + knowledge: 1 routing + 3 caption requests per row.
-    assert summary.requests == len(srv.requests) == 5 * 4
+    # Route says text + knowledge: 1 routing + 3 caption requests per row; the text caption's
+    # transcription ("sale") is not in these images, so OCR disagrees and it is asked once more.
+    assert summary.requests == len(srv.requests) == 5 * (4 + 1)
+    assert (summary.ocr_checked, summary.ocr_retried, summary.ocr_flagged) == (5, 5, 5)
     assert out.version >= 2  # committed every 2 rows (a commit takes whatever finished meanwhile)
     for r in rows.values():
         assert r["caption_status"] == "ok" and r["caption_error"] is None
@@ -59,6 +61,7 @@ def test_only_kept_rows_are_captioned_once_each_with_routing_and_provenance(tmp_
         assert json.loads(r["caption_general"]) == TINY_ANSWERS["general"]
         assert r["caption_text"] is not None and r["caption_knowledge"] is not None
         assert r["caption_structured"] is None
+        assert r["ocr_flag"] is True and r["ocr_agreement"] == 0.0 and r["ocr_engine"] == "rapidocr"
         assert (r["model"], r["prompt_version"], r["source_version"]) == (SERVED, "tiny", src.version)
     assert out.schema.metadata[b"captioning.source_version"] == str(src.version).encode()
     assert set(SCHEMA.names) <= set(out.schema.names)

@@ -47,7 +47,7 @@ def test_v1_prompt_set_embeds_each_schema_in_its_prompt(v1):
     for kind in KINDS:
         assert json.dumps(v1.schemas[kind], ensure_ascii=False) in v1.prompts[kind]
         assert "{schema}" not in v1.prompts[kind]
-    assert "Chinese" in v1.system and "English" in v1.system
+    assert "Chinese" in v1.system[""] and "English" in v1.system[""]
 
 
 @pytest.mark.parametrize("kind", KINDS)
