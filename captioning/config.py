@@ -30,9 +30,10 @@ class CaptionConfig:
     server: str | None = None
     """Base URL of an OpenAI-compatible vLLM server, e.g. http://host:8000/v1. None runs the VLM
     inside the Ray Data job (ray.data.llm)."""
-    prompt_version: str = "v1"
+    prompt_version: str = "v2"
     """Name of the prompt set: prompts/<version>/*.txt and schemas/<version>/*.json under
-    `prompt_root`. Stored on every row; a rerun with another version captions everything again."""
+    `prompt_root`. Stored on every row (v2: every language written from the image by an instruction
+    in that language; v1: both languages in one English-instructed answer)."""
     prompt_root: str = str(PACKAGE_DIR)
     """Directory that holds prompts/ and schemas/."""
     max_tokens: int = 4096

@@ -39,6 +39,12 @@ TINY_ANSWERS = {
 }
 
 
+# The tiny set asks each caption type in one request per language (like v2): the English part has the
+# language-neutral fields and "en", the Chinese part "zh" only.
+TINY_ANSWERS |= {f"{k}.{lang}": {n: v for n, v in TINY_ANSWERS[k].items() if n == lang or (lang == "en" and n != "zh")}
+                 for k in ("general", "text", "knowledge", "structured") for lang in ("en", "zh")}
+
+
 def completion(content: str, finish: str = "stop") -> dict[str, Any]:
     return {"id": "c", "object": "chat.completion", "model": SERVED,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},

@@ -50,9 +50,15 @@ def test_only_kept_rows_are_captioned_once_each_with_routing_and_provenance(tmp_
     rows = {r["id"]: r for r in out.to_table().to_pylist()}
     assert sorted(rows) == [f"id{i:03d}" for i, k in enumerate(keep) if k]
     assert summary.kept == 5 and summary.ok == 5 and summary.failed == 0
-    # Route says text + knowledge: 1 routing + 3 caption requests per row; the text caption's
-    # transcription ("sale") is not in these images, so OCR disagrees and it is asked once more.
-    assert summary.requests == len(srv.requests) == 5 * (4 + 1)
+    # Route says text + knowledge: 1 routing + 3 caption types x 2 languages per row; the text
+    # caption's transcription ("sale") is not in these images, so OCR disagrees and it is asked once
+    # more (both languages).
+    assert summary.requests == len(srv.requests) == 5 * (1 + 3 * 2 + 2)
+    # Chinese is asked by a Chinese instruction under a Chinese system prompt, never with the English answer.
+    zh = [b for b in srv.requests if kind_of(b).endswith(".zh")]
+    assert len(zh) == 5 * 4 and all(b["messages"][0]["content"] == "只输出 JSON。" for b in zh)
+    assert all(b["messages"][-1]["content"][1]["text"].startswith("用中文") for b in zh)
+    assert all(set(b["response_format"]["json_schema"]["schema"]["properties"]) == {"zh"} for b in zh)
     assert (summary.ocr_checked, summary.ocr_retried, summary.ocr_flagged) == (5, 5, 5)
     assert out.version >= 2  # committed every 2 rows (a commit takes whatever finished meanwhile)
     for r in rows.values():
@@ -168,4 +174,4 @@ def test_config_errors_name_the_field(field, value, message):
 
 def test_example_config_loads():
     cfg = load_config(ROOT / "configs" / "caption.yaml", input="a", output="b", model="m")
-    assert cfg.prompt_version == "v1" and cfg.commit_every == 256
+    assert cfg.prompt_version == "v2" and cfg.commit_every == 256

@@ -1,10 +1,11 @@
 import base64
 import json
+import re
 
 import pytest
 
 from captioning.config import PACKAGE_DIR, ConfigError
-from captioning.prompts import KINDS, InvalidResponse, PromptSet
+from captioning.prompts import KINDS, ROUTE, InvalidResponse, PromptSet
 from captioning.routing import caption_types, route_columns
 
 V1_VALID = {
@@ -105,3 +106,23 @@ def test_routing_always_writes_general_and_follows_the_answer():
     assert route_columns({"has_text": True, "is_structured": False, "has_known_entities": False}) == {
         "route_text": True, "route_structured": False, "route_knowledge": False}
     assert set(route_columns(None).values()) == {None}
+
+
+def test_v2_asks_each_language_natively_and_merges_into_the_stored_shape():
+    v2 = PromptSet.load(PACKAGE_DIR, "v2")
+    cjk = re.compile(r"[\u4e00-\u9fff]")
+    assert v2.parts[ROUTE] == (ROUTE,)
+    assert cjk.search(v2.system["zh"]) and not cjk.search(v2.system[""])
+    for kind in KINDS[1:]:
+        assert v2.parts[kind] == (f"{kind}.en", f"{kind}.zh")
+        # The Chinese request: a Chinese instruction whose answer holds only "zh" (nothing to translate from).
+        assert cjk.search(v2.prompts[f"{kind}.zh"]) and set(v2.schemas[f"{kind}.zh"]["properties"]) == {"zh"}
+        assert "zh" not in v2.schemas[f"{kind}.en"]["properties"]
+        assert v2.messages(f"{kind}.zh", b"img", "image/png")[0]["content"] == v2.system["zh"]
+        assert v2.messages(f"{kind}.en", b"img", "image/png")[1]["content"][0]["image_url"]["url"].startswith("data:image/png;")
+        full = V1_VALID[kind]
+        en = {k: v for k, v in full.items() if k != "zh"}
+        text, value = v2.merge(kind, [json.dumps(en, ensure_ascii=False), json.dumps({"zh": full["zh"]}, ensure_ascii=False)])
+        assert value == full and json.loads(text) == full
+        with pytest.raises(InvalidResponse):
+            v2.merge(kind, [json.dumps(en)])  # a part missing: the stored schema refuses it
