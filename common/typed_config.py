@@ -98,6 +98,10 @@ def _coerce(tp: Any, value: object, path: str):
         if not isinstance(value, dict):
             _fail(path, "a mapping", value)
         return {_coerce(kt, k, f"{path}.{k}"): _coerce(vt, v, f"{path}.{k}") for k, v in value.items()}
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+        if not isinstance(value, list | tuple):
+            _fail(path, "a list", value)
+        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             _fail(path, f"a list of {len(args)}", value)

@@ -1,6 +1,7 @@
-"""Typed, frozen stage configs, validated at load.
+"""Typed, frozen stage configs, validated at load — one dataclass for every curation stage.
 
-A stage config has two halves, kept apart on purpose:
+A stage names its filters in order (``filters``: the report's order for that stage, keys of
+:data:`curation.filters.FILTERS`) and its working size; the rest has two halves, kept apart on purpose:
 
 * ``scoring`` — what decides the *scores* (working size, models, detector). Changing it means
   rescoring; its hash is stored on every row as ``score_config_hash``.
@@ -23,11 +24,9 @@ from pathlib import Path
 
 from common.typed_config import ConfigError, build, read_yaml, set_dotted
 
-# The report's stage-1 chain, in its order (Qwen-Image-2.0 §2.3). The first failing filter is the
-# row's reject_reason, so this order is part of the output's meaning.
+# The report's stage-1 chain, in its order (Qwen-Image-2.0 §2.3): the default ``filters``. The first
+# failing filter is the row's reject_reason, so this order is part of the output's meaning.
 STAGE1_CHAIN = ("broken", "resolution", "dedup", "nsfw", "rotation", "entropy", "clip", "token_length")
-# Filters that need a model; ``--skip`` may name any filter but ``broken``.
-SKIPPABLE = frozenset(STAGE1_CHAIN) - {"broken"}
 
 
 # --------------------------------------------------------------------------- scoring settings
@@ -42,12 +41,34 @@ class ClipModel:
     batch_size: int = 64
     """Images per forward pass."""
 
+    def identity(self) -> dict:
+        """What decides the embeddings (batch size does not): the key for reusing stored ones."""
+        return {"model": self.model, "weights": self.weights, "model_config": self.model_config}
+
 
 @dataclass(frozen=True, kw_only=True)
 class RotationDetector:
     detector: str = "clip"
     """``clip`` (zero-shot over the 4 rotations with the stage's CLIP model; off when ``--skip
     clip``) or ``none`` (EXIF orientation only, which is always applied)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AestheticModel:
+    weights: str | None = None
+    """LAION improved-aesthetic-predictor head (``sac+logos+ava1-l14-linearMSE.pth``, a local path).
+    It reads the stored ``clip_embedding``, so ``scoring.clip`` must be OpenAI ViT-L/14 for its
+    scores to mean anything (any CLIP of the same width runs, e.g. in tests)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CategoryScoring:
+    taxonomy: dict[str, str] = field(default_factory=dict)
+    """Category name -> text prompt for CLIP zero-shot over the stored ``clip_embedding`` (text
+    embeddings computed once per worker). Empty when ``column`` gives the category."""
+    column: str | None = None
+    """Take the category from this column of the input table instead (``--category-column``: a
+    source tag, a structured-caption label); the input must be a previous stage's table."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +90,8 @@ class Scoring:
     nsfw_model: str | None = None
     """NudeNet ONNX model path; null uses the 320n detector shipped inside the ``nudenet`` wheel."""
     rotation: RotationDetector = field(default_factory=RotationDetector)
+    aesthetic: AestheticModel = field(default_factory=AestheticModel)
+    category: CategoryScoring = field(default_factory=CategoryScoring)
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -125,6 +148,56 @@ class TokenLengthRule:
 
 
 @dataclass(frozen=True, kw_only=True)
+class QualityRule:
+    max_brisque: float = 45.0
+    """Reject when the no-reference BRISQUE score (lower is better, ~0..100, computed at a fixed
+    analysis size) is above this. (Defaults of this section mirror ``curation.quality.DEFAULT_*``,
+    calibrated there; a test keeps them equal.)"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AestheticRule:
+    min_score: float = 5.0
+    """Reject when the LAION aesthetic score (about 1..10) is below this (LAION-Aesthetics: 5, 6, 6.5)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressionRule:
+    min_jpeg_quality: float = 40.0
+    """Reject JPEGs whose quality factor estimated from the quantisation tables (1..100) is below
+    this; null (not a JPEG) passes."""
+    max_blockiness: float = 0.25
+    """Reject when the 8x8 block-edge excess of the decoded pixels (0 = none) is above this:
+    catches a heavily compressed image re-saved at high quality, and non-JPEG files with JPEG
+    artefacts."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SemDedupRule:
+    eps: float = 0.05
+    """Near duplicates: embedding cosine similarity >= 1 - eps (SemDeDup), within a k-means cluster."""
+    n_clusters: int | None = None
+    """k-means clusters; null = about sqrt(candidate rows)."""
+    rank: tuple[str, ...] = ("aesthetic", "pixels", "id")
+    """Survivor ranking, best first: score columns (higher wins), ``pixels`` (larger wins), ``id``
+    (smaller wins, the final tie-break)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalanceRule:
+    mode: str = "cap"
+    """``cap``: MetaCLIP-style, keep each row with probability min(1, cap / count of its category);
+    ``proportions``: keep the largest set whose category shares are ``targets``."""
+    cap: int = 1000
+    """Rows per category kept in expectation with ``mode: cap``."""
+    targets: dict[str, float] = field(default_factory=dict)
+    """Category -> target share with ``mode: proportions`` (normalised to sum 1; categories not
+    listed are rejected)."""
+    seed: int = 0
+    """Keep draws are hash(id, seed): deterministic across reruns and workers."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Thresholds:
     resolution: ResolutionRule = field(default_factory=ResolutionRule)
     dedup: DedupRule = field(default_factory=DedupRule)
@@ -133,12 +206,20 @@ class Thresholds:
     entropy: EntropyRule = field(default_factory=EntropyRule)
     clip: ClipRule = field(default_factory=ClipRule)
     token_length: TokenLengthRule = field(default_factory=TokenLengthRule)
+    quality: QualityRule = field(default_factory=QualityRule)
+    aesthetic: AestheticRule = field(default_factory=AestheticRule)
+    compression: CompressionRule = field(default_factory=CompressionRule)
+    semdedup: SemDedupRule = field(default_factory=SemDedupRule)
+    balance: BalanceRule = field(default_factory=BalanceRule)
 
 
 @dataclass(frozen=True, kw_only=True)
 class StageConfig:
     stage: str = "stage1"
     """Stage name written on every row; an output table holds one stage only."""
+    filters: tuple[str, ...] = STAGE1_CHAIN
+    """The stage's filters in chain order (names in ``curation.filters.FILTERS``; ``broken``
+    first). The first failing one is a row's ``reject_reason``."""
     batch_size: int = 256
     """Items per Ray Data batch: one decode + all scorers per item, one Lance fragment per batch."""
     num_workers: int | None = None
@@ -151,11 +232,18 @@ class StageConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def score_hash(self, skipped: typing.Iterable[str]) -> str:
-        return _hash({"stage": self.stage, "scoring": dataclasses.asdict(self.scoring),
-                      "skipped": sorted(skipped)})
+        return _hash({"stage": self.stage, "filters": list(self.filters),
+                      "scoring": dataclasses.asdict(self.scoring), "skipped": sorted(skipped)})
 
     def threshold_hash(self) -> str:
-        return _hash(dataclasses.asdict(self.thresholds))
+        """Hash of the rules of this stage's filters only (a rule of a filter not in the chain
+        decides nothing)."""
+        th = dataclasses.asdict(self.thresholds)
+        return _hash({name: th[name] for name in self.filters if name in th})
+
+    @property
+    def skippable(self) -> tuple[str, ...]:
+        return tuple(f for f in self.filters if f != "broken")
 
 
 def _hash(obj: object) -> str:
@@ -183,11 +271,25 @@ _RANGES: tuple[tuple[str, float, float], ...] = (
     ("thresholds.clip.min_score", -1.0, 1.0),
     ("thresholds.token_length.min_tokens", 0, 1_000_000),
     ("thresholds.token_length.max_tokens", 0, 1_000_000),
+    ("thresholds.quality.max_brisque", -1000.0, 1000.0),
+    ("thresholds.aesthetic.min_score", -100.0, 100.0),
+    ("thresholds.compression.min_jpeg_quality", 0.0, 100.0),
+    ("thresholds.compression.max_blockiness", 0.0, 1000.0),
+    ("thresholds.semdedup.eps", 0.0, 1.0),
+    ("thresholds.semdedup.n_clusters", 1, 10**7),
+    ("thresholds.balance.cap", 1, 10**12),
 )
 _CHOICES = {
     "scoring.store_image": ("source", "normalized", "none"),
     "thresholds.rotation.action": ("discard", "correct"),
+    "thresholds.balance.mode": ("cap", "proportions"),
 }
+
+
+def FILTERS_SCORE_COLUMNS() -> set[str]:  # noqa: N802 - reads as the set it returns
+    from .schema import SCORE_FIELDS
+
+    return set(SCORE_FIELDS)
 
 
 def _get(cfg: object, path: str):
@@ -204,8 +306,31 @@ def validate(cfg: StageConfig) -> StageConfig:
     for path, allowed in _CHOICES.items():
         if _get(cfg, path) not in allowed:
             raise ConfigError(f"{path} = {_get(cfg, path)!r}: expected one of {', '.join(allowed)}")
-    from .stage1 import ROTATION_DETECTORS  # the presets live beside the worker that builds them
+    from .filters import FILTERS, ROTATION_DETECTORS  # the presets live beside the filters
 
+    if not cfg.filters or cfg.filters[0] != "broken":
+        raise ConfigError(f"filters = {list(cfg.filters)}: the chain must start with 'broken'")
+    for i, name in enumerate(cfg.filters):
+        if name not in FILTERS:
+            raise ConfigError(f"filters[{i}] = {name!r}: unknown filter (one of: {', '.join(FILTERS)})")
+        if name in cfg.filters[:i]:
+            raise ConfigError(f"filters[{i}] = {name!r}: listed twice")
+    for i, key in enumerate(cfg.thresholds.semdedup.rank):
+        if key not in ("pixels", "id") and key not in FILTERS_SCORE_COLUMNS():
+            raise ConfigError(f"thresholds.semdedup.rank[{i}] = {key!r}: expected pixels, id or a score column")
+    b = cfg.thresholds.balance
+    if any(v < 0 for v in b.targets.values()) or (b.targets and sum(b.targets.values()) <= 0):
+        raise ConfigError("thresholds.balance.targets: shares must be >= 0 and not all 0")
+    if "balance" in cfg.filters:
+        if b.mode == "proportions" and not b.targets:
+            raise ConfigError("thresholds.balance.targets: required with mode 'proportions'")
+        cat = cfg.scoring.category
+        if not cat.taxonomy and not cat.column:
+            raise ConfigError("scoring.category.taxonomy: give category prompts, or a category column "
+                              "(scoring.category.column / --category-column)")
+    if "aesthetic" in cfg.filters and not cfg.scoring.aesthetic.weights:
+        raise ConfigError("scoring.aesthetic.weights is not set: the LAION aesthetic head's .pth path "
+                          "(or --skip aesthetic)")
     if cfg.scoring.rotation.detector not in ROTATION_DETECTORS:
         raise ConfigError(f"scoring.rotation.detector = {cfg.scoring.rotation.detector!r}: expected one of "
                           f"{', '.join(ROTATION_DETECTORS)}")
@@ -225,11 +350,13 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return validate(build(StageConfig, data))
 
 
-def parse_skip(text: str | None) -> tuple[str, ...]:
+def parse_skip(text: str | None, cfg: StageConfig | None = None) -> tuple[str, ...]:
+    """``--skip a,b`` -> sorted names; each must be a filter of the stage's chain other than broken."""
     if not text:
         return ()
+    allowed = (cfg or StageConfig()).skippable
     names = tuple(sorted({s.strip() for s in text.split(",") if s.strip()}))
     for n in names:
-        if n not in SKIPPABLE:
-            raise ConfigError(f"--skip: unknown filter '{n}' (one of: {', '.join(sorted(SKIPPABLE))})")
+        if n not in allowed:
+            raise ConfigError(f"--skip: unknown filter '{n}' (one of: {', '.join(sorted(allowed))})")
     return names

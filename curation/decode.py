@@ -87,6 +87,12 @@ def decode(data: bytes, working_size: int, max_pixels: int) -> Decoded:
                 return Decoded(None, None, None, fmt, None,
                                f"decompression bomb: {w}x{h} = {w * h} pixels > scoring.max_pixels "
                                f"({max_pixels})", content_hash)
+            if fmt != "JPEG":
+                # Decode the pixels first: for PNG (and others) getexif() itself loads the image, and
+                # the EXIF fallback below would swallow a decoder error (a corrupt IDAT with valid
+                # CRCs), leaving a half-decoded image that a later load() accepts. JPEG keeps its
+                # EXIF in the header and must not load before draft() picks the DCT scale.
+                im.load()
             try:
                 orientation = int(im.getexif().get(0x0112, 1) or 1)
             except Exception:  # malformed EXIF block: treat as upright, the pixels may be fine

@@ -1,5 +1,6 @@
-"""HTML report of a curation run: rows per reject reason, and a histogram per score with the
-stage's thresholds drawn on it (so a threshold can be judged by eye before ``--rethreshold``)."""
+"""HTML report of a curation run, the same for every stage: rows per reject reason, a histogram
+per score with the stage's thresholds drawn on it (so a threshold can be judged by eye before
+``--rethreshold``), and example thumbnails (see :func:`_examples`)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,20 @@ import lance
 import numpy as np
 
 from .config import StageConfig
-from .schema import SCORE_FIELDS
+from .filters import FILTERS
 
-# score column -> (threshold attribute path, label) drawn as vertical lines
-_LINES = {
-    "short_side": [("resolution.min_short_side", "min")],
-    "aspect_ratio": [("resolution.max_aspect_ratio", "max")],
-    "nsfw_score": [("nsfw.max_score", "max")],
-    "rotation_score": [("rotation.min_confidence", "min conf.")],
-    "entropy": [("entropy.min_entropy", "min")],
-    "noise": [("entropy.max_noise", "max")],
-    "clip_score": [("clip.min_score", "min")],
-    "token_count": [("token_length.min_tokens", "min"), ("token_length.max_tokens", "max")],
-}
+
+def score_plots(cfg: StageConfig) -> dict[str, list[tuple[str, str]]]:
+    """Numeric score column of the stage's filters -> [(threshold path, label)] drawn on it."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for name in cfg.filters:
+        f = FILTERS[name]
+        for c in f.columns:
+            if c not in ("error", "category") and c != "phash":
+                out.setdefault(c, [])
+        for col, attr, label in f.plots:
+            out[col].append((f"{name}.{attr}", label))
+    return out
 
 
 def _get(obj, dotted: str):
@@ -33,7 +35,7 @@ def _get(obj, dotted: str):
     return obj
 
 
-def _hist_png(name: str, values: np.ndarray, kept: np.ndarray, cfg: StageConfig) -> str:
+def _hist_png(name: str, values: np.ndarray, kept: np.ndarray, cfg: StageConfig, lines) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +45,7 @@ def _hist_png(name: str, values: np.ndarray, kept: np.ndarray, cfg: StageConfig)
     bins = np.histogram_bin_edges(values, bins=40)
     ax.hist(values[kept], bins=bins, color="#3b82f6", alpha=0.8, label="kept")
     ax.hist(values[~kept], bins=bins, color="#ef4444", alpha=0.6, label="rejected")
-    for path, label in _LINES.get(name, []):
+    for path, label in lines:
         x = float(_get(cfg.thresholds, path))
         ax.axvline(x, color="black", ls="--", lw=1.2)
         ax.text(x, ax.get_ylim()[1] * 0.92, f" {label} {x:g}", fontsize=8)
@@ -59,7 +61,8 @@ def _hist_png(name: str, values: np.ndarray, kept: np.ndarray, cfg: StageConfig)
 def write_report(uri: str, cfg: StageConfig, summary, storage_options: dict | None = None,
                  path: str | None = None) -> str:
     ds = lance.dataset(uri, storage_options=storage_options)
-    cols = [c for c in SCORE_FIELDS if c != "phash"]
+    plots = score_plots(cfg)
+    cols = list(plots)
     t = ds.to_table(columns=cols + ["keep"])
     keep_all = t.column("keep").fill_null(False).to_numpy(zero_copy_only=False)
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td><td>{100.0 * v / max(1, summary.rows):.1f}%</td></tr>"
@@ -72,7 +75,7 @@ def write_report(uri: str, cfg: StageConfig, summary, storage_options: dict | No
             figs.append(f"<div class='fig'><h4>{c}</h4><p>not computed (skipped or no input)</p></div>")
             continue
         vals = col.to_numpy(zero_copy_only=False)[valid].astype(np.float64)
-        png = _hist_png(c, vals, keep_all[valid], cfg)
+        png = _hist_png(c, vals, keep_all[valid], cfg, plots[c])
         figs.append(f"<div class='fig'><img src='data:image/png;base64,{png}' alt='{c}'></div>")
     rate = summary.scored_now / summary.scoring_seconds if summary.scoring_seconds else 0.0
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{cfg.stage} report</title>

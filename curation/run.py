@@ -1,10 +1,16 @@
-"""Driver of a curation run: resolve input, preflight models, stream items through the Ray Data
-scoring stage, commit Lance fragments every ``commit_every`` rows, then decide from stored scores.
+"""Driver of a curation run, the same for every stage: resolve the input (any reader input, or a
+previous stage's table), plan which filters score and which scores are copied, preflight models,
+stream items through the Ray Data scoring stage, commit Lance fragments every ``commit_every`` rows,
+then decide from stored scores.
 
 Resume is by construction: every committed row has a stable id, a rerun scores only ids not yet in
 the table, and decisions (global dedup included) are made after scoring, from stored scores only,
 by the same code as ``--rethreshold`` — so a run killed at any moment and started again ends with
 exactly the rows and decisions of an uninterrupted run.
+
+Lineage: a stage whose ``--input`` is a curated table reads that table's kept rows (same ids) and
+their stored bytes, pinned at one Lance version, and records ``parent_uri`` / ``parent_version`` in
+its own table's metadata (a resumed run reads the same parent version).
 """
 
 from __future__ import annotations
@@ -19,9 +25,105 @@ import pyarrow as pa
 
 from .config import ConfigError, StageConfig
 from .decide import apply_decisions
-from .readers import Columns, Source, drop_done, expand_unit, list_folder, resolve_input
-from .schema import SCORING_SCHEMA
-from .stage1 import Stage1Scorer, needs_actors, preflight, score_task
+from .filters import FILTERS, column_identities, embedding_identity, models_for
+from .readers import ITEM_SCHEMA, Columns, Source, drop_done, expand_unit, list_folder, resolve_input
+from .schema import EMBEDDING, SCORING_SCHEMA, embed_dim
+from .stage import FILE_COLUMNS, PARENT_PREFIX, Plan, StageScorer, needs_actors, preflight, score_task
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A previous stage's curated table used as input, pinned at ``version``."""
+
+    uri: str
+    version: int
+    meta: dict
+    names: tuple[str, ...]
+    fragments: tuple[int, ...]
+    kept: int
+    storage_options: dict | None = None
+
+    @property
+    def column_hashes(self) -> dict[str, str]:
+        return json.loads(self.meta.get(b"column_hashes", b"{}"))
+
+
+def open_parent(spec: str, version: int | None = None, storage_options: dict | None = None) -> Parent | None:
+    """The curated table at ``spec`` (None when ``spec`` is not one: a folder, tar, Parquet, or a
+    Lance table another tool wrote)."""
+    if not spec or not spec.rstrip("/").endswith(".lance"):
+        return None
+    try:
+        ds = lance.dataset(spec, version=version, storage_options=storage_options)
+    except (ValueError, OSError, FileNotFoundError):
+        if version is not None:
+            raise ConfigError(f"--input: {spec} has no version {version} (the version this output was "
+                              "started from); choose another --output") from None
+        return None
+    meta = ds.schema.metadata or {}
+    if b"stage" not in meta or not {"keep", "id", "image"} <= set(ds.schema.names):
+        return None
+    kept = ds.count_rows(filter="keep = true")
+    if kept == 0:
+        raise ConfigError(f"--input: {spec} (version {ds.version}) has no kept rows")
+    return Parent(spec, ds.version, meta, tuple(ds.schema.names),
+                  tuple(f.fragment_id for f in ds.get_fragments()), kept, storage_options)
+
+
+def expand_parent(parent: Parent, fragment_id: int, extra: tuple[str, ...], batch_rows: int):
+    """Kept rows of one parent fragment as items (readers.ITEM_SCHEMA, the stored bytes as
+    ``data``) plus ``parent.<column>`` for the columns in ``extra``."""
+    ds = lance.dataset(parent.uri, version=parent.version, storage_options=parent.storage_options)
+    frag = ds.get_fragment(fragment_id)
+    cols = ["id", "uri", "caption", "image"] + [c for c in extra if c not in ("id", "uri", "caption", "image")]
+    scan = ds.scanner(columns=cols, filter="keep = true", fragments=[frag], batch_size=batch_rows,
+                      blob_handling="all_binary")
+    for rb in scan.to_batches():
+        if rb.num_rows == 0:
+            continue
+        n = rb.num_rows
+        none = pa.nulls(n, pa.string())
+        missing = rb.column("image").is_null().to_pylist()
+        error = pa.array(["no stored image in the parent table (its store_image was none)" if m else None
+                          for m in missing], pa.string())
+        items = pa.Table.from_arrays([rb.column("id"), rb.column("uri"), rb.column("caption"), none, none,
+                                      rb.column("image").cast(pa.large_binary()), error], schema=ITEM_SCHEMA)
+        for c in extra:
+            items = items.append_column(PARENT_PREFIX + c, rb.column(c))
+        yield items
+
+
+def make_plan(cfg: StageConfig, skipped: tuple[str, ...], parent: Parent | None) -> Plan:
+    """Which filters score, which columns come from the parent, which models load."""
+    chain = [n for n in cfg.filters if n not in skipped]
+    ours = column_identities(cfg, chain)
+    emb_id = embedding_identity(cfg)
+    carry: list[str] = []
+    reused: list[str] = []
+    embeddings_carried = False
+    if parent is not None:
+        theirs = parent.column_hashes
+        carry = [c for c in FILE_COLUMNS if c in parent.names]
+        carry += [c for c, h in ours.items() if theirs.get(c) == h and c in parent.names and c not in carry]
+        if theirs.get(EMBEDDING) == emb_id and EMBEDDING in parent.names:
+            carry.append(EMBEDDING)
+            embeddings_carried = True
+        reused = [n for n in chain if FILTERS[n].columns and all(c in carry for c in FILTERS[n].columns)]
+    active = tuple(n for n in chain if n not in reused)
+    decode = parent is None or any(FILTERS[n].needs_image for n in active)
+    hashes = {c: h for c, h in ours.items()}
+    clip_skipped = "clip" in skipped  # --skip clip turns the stage's CLIP off, rotation detector included
+    uses_clip = any(FILTERS[n].uses_embedding or (n == "rotation" and cfg.scoring.rotation.detector == "clip"
+                                                  and not clip_skipped) for n in active)
+    if embeddings_carried or uses_clip:
+        hashes[EMBEDDING] = emb_id
+    dim = embed_dim(_parent_schema(parent)) if embeddings_carried else None
+    return Plan(active=active, carry=tuple(carry), models=models_for(cfg, active, embeddings_carried, clip_skipped),
+                decode=decode, embed_dim=dim or 768, reused=tuple(reused), column_hashes=hashes)
+
+
+def _parent_schema(parent: Parent) -> pa.Schema:
+    return lance.dataset(parent.uri, version=parent.version, storage_options=parent.storage_options).schema
 
 
 @dataclass
@@ -33,6 +135,8 @@ class RunSummary:
     seconds: float
     scoring_seconds: float
     reasons: dict[str, int] = field(default_factory=dict)
+    reused: tuple[str, ...] = ()
+    parent: str | None = None
     report: str | None = None
 
     def text(self) -> str:
@@ -44,24 +148,31 @@ class RunSummary:
         rate = self.scored_now / self.scoring_seconds if self.scoring_seconds > 0 else 0.0
         lines.append(f"scored {self.scored_now} rows this run in {self.scoring_seconds:.1f}s "
                      f"({rate:.1f} img/s); total {self.seconds:.1f}s")
+        if self.parent:
+            lines.append(f"input: {self.parent} (kept rows; scores copied for: {', '.join(self.reused) or 'none'})")
         if self.report:
             lines.append(f"report: {self.report}")
         return "\n".join(lines)
 
 
-def _table_meta(cfg: StageConfig, score_hash: str, skipped: tuple[str, ...]) -> dict[bytes, bytes]:
-    return {b"stage": cfg.stage.encode(), b"score_config_hash": score_hash.encode(),
-            b"skipped": json.dumps(list(skipped)).encode(), b"store_image": cfg.scoring.store_image.encode()}
+def _table_meta(cfg: StageConfig, score_hash: str, skipped: tuple[str, ...], plan: Plan,
+                parent: Parent | None) -> dict[bytes, bytes]:
+    meta = {b"stage": cfg.stage.encode(), b"score_config_hash": score_hash.encode(),
+            b"skipped": json.dumps(list(skipped)).encode(), b"store_image": cfg.scoring.store_image.encode(),
+            b"filters": json.dumps(list(cfg.filters)).encode(),
+            b"column_hashes": json.dumps(plan.column_hashes, sort_keys=True).encode()}
+    if parent is not None:
+        meta[b"parent_uri"], meta[b"parent_version"] = parent.uri.encode(), str(parent.version).encode()
+    return meta
 
 
 def check_output(uri: str, cfg: StageConfig, score_hash: str, storage_options: dict | None = None) -> int:
     """Rows already in ``uri`` (0 if absent); ConfigError if it holds another schema, stage or
     scoring config (mixing would make its scores incomparable)."""
-    try:
-        ds = lance.dataset(uri, storage_options=storage_options)
-    except (ValueError, OSError, FileNotFoundError):
+    ds = _open(uri, storage_options)
+    if ds is None:
         if os.path.exists(uri) and os.listdir(uri):
-            raise ConfigError(f"--output: {uri} exists and is not a Lance table") from None
+            raise ConfigError(f"--output: {uri} exists and is not a Lance table")
         return 0
     missing = [n for n in SCORING_SCHEMA.names if n not in ds.schema.names]
     if missing:
@@ -108,6 +219,14 @@ def build_items(source: Source, done: pa.Array | None, batch_rows: int, parallel
                                                                 "batch_rows": batch_rows}), None
 
 
+def _parent_of_output(output: str, storage_options: dict | None) -> tuple[str, int] | None:
+    ds = _open(output, storage_options)
+    meta = (ds.schema.metadata or {}) if ds is not None else {}
+    if b"parent_uri" not in meta:
+        return None
+    return meta[b"parent_uri"].decode(), int(meta[b"parent_version"])
+
+
 def run_stage(input_spec: str, output: str, cfg: StageConfig, skipped: tuple[str, ...] = (),
               commit_every: int = 10_000, columns: Columns | None = None, progress: bool = True,
               report: bool = True, storage_options: dict | None = None, num_cpus: int | None = None) -> RunSummary:
@@ -117,13 +236,28 @@ def run_stage(input_spec: str, output: str, cfg: StageConfig, skipped: tuple[str
     t0 = time.time()
     if commit_every < 1:
         raise ConfigError(f"--commit-every must be >= 1, got {commit_every}")
-    source = resolve_input(input_spec, columns or Columns())
+    # A resumed chained run reads the parent version it started from, whatever the parent has now.
+    pinned = _parent_of_output(output, storage_options)
+    if pinned and os.path.abspath(pinned[0]) != os.path.abspath(input_spec) and pinned[0] != input_spec:
+        raise ConfigError(f"--output: {output} was started from --input {pinned[0]}, not {input_spec}; "
+                          "choose another --output")
+    parent = open_parent(input_spec, pinned[1] if pinned else None, storage_options)
+    source = None if parent is not None else resolve_input(input_spec, columns or Columns())
+    if cfg.scoring.category.column and "balance" in cfg.filters:
+        if parent is None:
+            raise ConfigError("--category-column needs a previous stage's table as --input")
+        if cfg.scoring.category.column not in parent.names:
+            raise ConfigError(f"--category-column: column '{cfg.scoring.category.column}' not in {input_spec} "
+                              f"({', '.join(parent.names)})")
+    plan = make_plan(cfg, skipped, parent)
     score_hash = cfg.score_hash(skipped)
     existing = check_output(output, cfg, score_hash, storage_options)
-    preflight(cfg, skipped)  # a missing model stops here, before any data is read
+    facts = preflight(cfg, plan)  # a missing model stops here, before any data is read
+    if "embed_dim" in facts and not any(c == EMBEDDING for c in plan.carry):
+        plan = Plan(**{**plan.__dict__, "embed_dim": facts["embed_dim"]})
 
-    schema = SCORING_SCHEMA.with_metadata(_table_meta(cfg, score_hash, skipped))
-    if existing == 0 and not _exists(output, storage_options):
+    schema = plan.schema.with_metadata(_table_meta(cfg, score_hash, skipped, plan, parent))
+    if existing == 0 and _open(output, storage_options) is None:
         lance.write_dataset(schema.empty_table(), output, schema=schema, mode="create",
                             storage_options=storage_options)
     ds_out = lance.dataset(output, storage_options=storage_options)
@@ -138,12 +272,17 @@ def run_stage(input_spec: str, output: str, cfg: StageConfig, skipped: tuple[str
     cpus = ray.available_resources().get("CPU", 1.0)
     workers = cfg.num_workers or max(1, int(cpus // max(cfg.cpus_per_worker, 1e-3)))
 
-    items, n_items = build_items(source, done, cfg.batch_size, workers)
-    kwargs = {"cfg": cfg, "skipped": skipped, "output_uri": output, "score_hash": score_hash,
+    if parent is not None:
+        extra = tuple(c for c in plan.carry) + ((cfg.scoring.category.column,) if cfg.scoring.category.column
+                                                and "balance" in plan.active else ())
+        items, n_items = build_parent_items(parent, extra, done, cfg.batch_size), parent.kept
+    else:
+        items, n_items = build_items(source, done, cfg.batch_size, workers)
+    kwargs = {"cfg": cfg, "skipped": skipped, "plan": plan, "output_uri": output, "score_hash": score_hash,
               "storage_options": storage_options}
-    if needs_actors(skipped):
+    if needs_actors(plan):
         scored = items.map_batches(
-            Stage1Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
+            StageScorer, batch_size=cfg.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.cpus_per_worker,
             num_gpus=cfg.gpus_per_worker or None, fn_constructor_kwargs=kwargs)
     else:
@@ -151,41 +290,69 @@ def run_stage(input_spec: str, output: str, cfg: StageConfig, skipped: tuple[str
                                    num_cpus=cfg.cpus_per_worker, fn_kwargs=kwargs)
 
     t_score = time.time()
-    version, pending, pending_rows, scored_now = ds_out.version, [], 0, 0
-
-    def commit() -> None:
-        nonlocal version, pending, pending_rows, scored_now
-        if pending:
-            ds = lance.LanceDataset.commit(output, lance.LanceOperation.Append(pending), read_version=version,
-                                           storage_options=storage_options)
-            version, scored_now = ds.version, scored_now + pending_rows
-            print(f"[{cfg.stage}] committed {scored_now} rows this run (table version {version})", flush=True)
-            pending, pending_rows = [], 0
-
-    from lance.fragment import FragmentMetadata
-
+    scored_now = 0
     if n_items is None or n_items > existing:
-        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for frag, rows in zip(batch.column("fragment").to_pylist(), batch.column("rows").to_pylist(),
-                                  strict=True):
-                pending.append(FragmentMetadata.from_json(frag))
-                pending_rows += rows
-            if pending_rows >= commit_every:
-                commit()
-        commit()
+        _, scored_now = commit_fragments(scored, output, ds_out.version, commit_every, storage_options, cfg.stage)
     scoring_seconds = time.time() - t_score
 
-    decisions, version = apply_decisions(output, cfg, storage_options)
-    total = decisions.num_rows
+    counts, total, version = apply_decisions(output, cfg, storage_options)
     if n_items is not None and total != n_items:
         raise RuntimeError(f"row count mismatch: {n_items} input items, {total} output rows")
-    summary = RunSummary(output, version, total, scored_now, time.time() - t0, scoring_seconds,
-                         reason_counts(decisions))
+    summary = RunSummary(output, version, total, scored_now, time.time() - t0, scoring_seconds, counts,
+                         reused=plan.reused, parent=f"{parent.uri}@{parent.version}" if parent else None)
     if report:
         from .report import write_report
 
         summary.report = write_report(output, cfg, summary, storage_options)
     return summary
+
+
+def commit_fragments(written, output: str, read_version: int, commit_every: int,
+                     storage_options: dict | None = None, label: str = "stage") -> tuple[int, int]:
+    """Driver side of "workers write, the driver commits": ``written`` is a Ray Dataset whose rows
+    are (``fragment`` JSON, ``rows``) from workers that wrote Lance fragments; they are committed
+    with ``LanceOperation.Append`` every ``commit_every`` rows. A kill loses only uncommitted
+    fragments (orphans Lance ignores). Returns (table version, rows committed). Every job that
+    writes through Ray workers (stages, synthetic renders) commits through this."""
+    from lance.fragment import FragmentMetadata
+
+    version, pending, pending_rows, committed = read_version, [], 0, 0
+
+    def commit() -> None:
+        nonlocal version, pending, pending_rows, committed
+        if pending:
+            ds = lance.LanceDataset.commit(output, lance.LanceOperation.Append(pending), read_version=version,
+                                           storage_options=storage_options)
+            version, committed = ds.version, committed + pending_rows
+            print(f"[{label}] committed {committed} rows this run (table version {version})", flush=True)
+            pending, pending_rows = [], 0
+
+    for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for frag, rows in zip(batch.column("fragment").to_pylist(), batch.column("rows").to_pylist(), strict=True):
+            pending.append(FragmentMetadata.from_json(frag))
+            pending_rows += rows
+        if pending_rows >= commit_every:
+            commit()
+    commit()
+    return version, committed
+
+
+def build_parent_items(parent: Parent, extra: tuple[str, ...], done: pa.Array | None, batch_rows: int):
+    """A Ray Dataset of the parent's kept, not-yet-committed rows: one read task per fragment."""
+    import ray
+
+    units = ray.data.from_items([{"unit": f} for f in parent.fragments], override_num_blocks=len(parent.fragments))
+    done_ref = ray.put(done) if done is not None and len(done) else None
+
+    def expand(batch: dict):
+        done_ = ray.get(done_ref) if done_ref is not None else None
+        for unit in batch["unit"]:
+            for rows in expand_parent(parent, int(unit), extra, batch_rows):
+                rows = drop_done(rows, done_)
+                if rows.num_rows:
+                    yield rows
+
+    return units.map_batches(expand, batch_size=1)
 
 
 def rethreshold(output: str, cfg: StageConfig, report: bool = True,
@@ -200,9 +367,12 @@ def rethreshold(output: str, cfg: StageConfig, report: bool = True,
     stage = (ds.schema.metadata or {}).get(b"stage", b"").decode()
     if stage != cfg.stage:
         raise ConfigError(f"--output: {output} holds stage '{stage}' rows, the config is for '{cfg.stage}'")
-    decisions, version = apply_decisions(output, cfg, storage_options)
-    summary = RunSummary(output, version, decisions.num_rows, 0, time.time() - t0, 0.0,
-                         reason_counts(decisions))
+    stored = json.loads((ds.schema.metadata or {}).get(b"filters", b"null"))
+    if stored is not None and list(cfg.filters) != stored:
+        raise ConfigError(f"filters = {list(cfg.filters)}: {output} was scored for {stored}; rethreshold "
+                          "changes thresholds only")
+    counts, total, version = apply_decisions(output, cfg, storage_options)
+    summary = RunSummary(output, version, total, 0, time.time() - t0, 0.0, counts)
     if report:
         from .report import write_report
 
@@ -210,14 +380,8 @@ def rethreshold(output: str, cfg: StageConfig, report: bool = True,
     return summary
 
 
-def reason_counts(decisions: pa.Table) -> dict[str, int]:
-    counts = decisions.column("reject_reason").fill_null("kept").value_counts().to_pylist()
-    return {c["values"]: c["counts"] for c in counts}
-
-
-def _exists(uri: str, storage_options: dict | None) -> bool:
+def _open(uri: str, storage_options: dict | None):
     try:
-        lance.dataset(uri, storage_options=storage_options)
-        return True
+        return lance.dataset(uri, storage_options=storage_options)
     except (ValueError, OSError, FileNotFoundError):
-        return False
+        return None

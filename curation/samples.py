@@ -72,6 +72,33 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, payload) of every chunk of a PNG file, in order."""
+    out, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        out.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]))
+        pos += 12 + length
+    return out
+
+
+def build_png(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A PNG file from (type, payload) chunks, each with a correct CRC."""
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d)) for k, d in chunks)
+
+
+def corrupt_idat_png(im: Image.Image) -> bytes:
+    """A PNG whose deflate stream is damaged mid-way while every chunk CRC is valid: CRC checks
+    pass, only decoding the pixels reveals it."""
+    chunks = png_chunks(png(im))
+    idat = b"".join(d for k, d in chunks if k == b"IDAT")
+    mid = len(idat) // 2
+    bad = idat[:mid] + bytes(b ^ 0xFF for b in idat[mid:mid + 256]) + idat[mid + 256:]
+    head = [c for c in chunks if c[0] not in (b"IDAT", b"IEND")]
+    return build_png(head + [(b"IDAT", bad), (b"IEND", b"")])
+
+
 def exif_rotated_jpeg(im: Image.Image, orientation: int = 6) -> bytes:
     """The pixels of ``im`` stored turned, with the EXIF tag that tells a viewer to turn them back."""
     inverse = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}
@@ -96,6 +123,7 @@ def malformed_corpus(base: Image.Image) -> dict[str, bytes]:
         "zero_bytes.jpg": b"",
         "not_an_image.jpg": b"this is a text file, not a JPEG\n",
         "corrupt.png": bytes(bad_png),
+        "corrupt_idat_valid_crc.png": corrupt_idat_png(base),
         "bomb.png": bomb_png(),
         "cmyk.jpg": jpeg(base.convert("CMYK")),
         "grey16.png": png(Image.fromarray(grey16)),

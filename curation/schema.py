@@ -31,7 +31,22 @@ SCORE_FIELDS: dict[str, tuple[pa.DataType, str]] = {
     "noise": (pa.float32(), "high-frequency energy, max over R,G,B channels (0..1)"),
     "clip_score": (pa.float32(), "cosine similarity of open_clip image and caption embeddings"),
     "token_count": (pa.int32(), "caption length in tokens of the configured tokenizer"),
+    "brisque": (pa.float32(), "BRISQUE no-reference quality at a fixed analysis size (lower is better)"),
+    "aesthetic": (pa.float32(), "LAION improved aesthetic predictor on clip_embedding (about 1..10)"),
+    "jpeg_quality": (pa.float32(), "JPEG quality factor from the quantisation tables (null: not a JPEG)"),
+    "blockiness": (pa.float32(), "8x8 block-grid edge excess of the decoded pixels (0 = none)"),
+    "category": (pa.string(), "category of the row (CLIP zero-shot over the taxonomy, or an input column)"),
+    "category_score": (pa.float32(), "zero-shot probability of the chosen category (null from a column)"),
 }
+# The image embedding of the CLIP pass that gives clip_score, L2-normalised, stored once so that
+# aesthetic, tagging, semantic dedup and the flywheel's retrieval read it. Fixed-size list of the
+# model's embedding width D (see scoring_schema); null where CLIP did not run.
+EMBEDDING = "clip_embedding"
+DEFAULT_EMBED_DIM = 768  # OpenAI ViT-L/14; a table's own width is in its schema
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float16(), dim)
 
 DECISION_FIELDS: dict[str, tuple[pa.DataType, str]] = {
     "keep": (pa.bool_(), "the decision of the stage; null until the decision pass ran"),
@@ -39,6 +54,8 @@ DECISION_FIELDS: dict[str, tuple[pa.DataType, str]] = {
     "dup_of": (pa.string(), "id of the cluster survivor for exact/near duplicates"),
     "rotate": (pa.int16(), "counter-clockwise turn readers apply (rotation action correct), else 0"),
     "decided_config_hash": (pa.string(), "hash of the thresholds that made the decision"),
+    "semdup_of": (pa.string(), "id of the semantic-dedup survivor this row is a near copy of"),
+    "semdup_similarity": (pa.float32(), "cosine similarity to that survivor's embedding"),
 }
 
 BASE_FIELDS: dict[str, tuple[pa.DataType, str]] = {
@@ -64,9 +81,24 @@ def _fields(spec: dict[str, tuple[pa.DataType, str]]) -> list[pa.Field]:
     return [pa.field(n, t, nullable=(n != "id"), metadata={b"doc": d.encode()}) for n, (t, d) in spec.items()]
 
 
-# What scoring workers write (decision columns do not exist yet), and the full table after the
-# decision pass added them with Lance's add-column path (no rewrite of the image data).
-SCORING_SCHEMA = pa.schema(_fields(BASE_FIELDS) + _fields(SCORE_FIELDS) + [IMAGE_FIELD])
+def scoring_schema(embed_dim: int = DEFAULT_EMBED_DIM) -> pa.Schema:
+    """What scoring workers write (decision columns do not exist yet): every stage writes the same
+    columns (a score no filter of the stage computes is null), with ``clip_embedding`` as wide as
+    the stage's CLIP."""
+    emb = pa.field(EMBEDDING, embedding_type(embed_dim), metadata={b"doc": b"L2-normalised CLIP image embedding"})
+    return pa.schema(_fields(BASE_FIELDS) + _fields(SCORE_FIELDS) + [emb, IMAGE_FIELD])
+
+
+def embed_dim(schema: pa.Schema) -> int | None:
+    """The ``clip_embedding`` width of a curated table's schema (None without the column)."""
+    if EMBEDDING not in schema.names:
+        return None
+    return schema.field(EMBEDDING).type.list_size
+
+
+# The full table after the decision pass added the decision columns with Lance's add-column path
+# (no rewrite of the image data).
+SCORING_SCHEMA = scoring_schema()
 DECISION_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False)] + _fields(DECISION_FIELDS))
 SCHEMA = pa.schema(list(SCORING_SCHEMA) + list(DECISION_SCHEMA)[1:])
 COLUMNS_WITHOUT_IMAGE = [f.name for f in SCHEMA if f.name != "image"]

@@ -1,4 +1,4 @@
-"""Stage-1 scorers. Each turns decoded images (and captions) into score columns; none decides.
+"""Scorers shared by the stage filters (``curation.filters``). Each turns decoded images (and captions) into score columns; none decides.
 
 Model-free scorers are plain functions. Model-backed scorers are classes with a cheap constructor
 and ``setup()`` that loads the model once per Ray actor (NeMo Curator's lifecycle); ``preflight()``
@@ -140,10 +140,11 @@ class ClipScorer:
         return model, preprocess, open_clip.get_tokenizer(cfg.model)
 
     def preflight(self) -> None:
-        self._load()
+        self.embed_dim = int(self._load()[0].visual.output_dim)
 
     def setup(self) -> None:
         self.model, self.preprocess, self.tokenizer = self._load()
+        self.embed_dim = int(self.model.visual.output_dim)
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         import torch
@@ -187,7 +188,14 @@ class ClipRotationDetector:
         self.clip, self.cfg = clip, cfg
 
     def __call__(self, images: list[Image.Image], captions: list[str | None]) -> tuple[list[int], list[float]]:
-        turned = [im.rotate(a, expand=True) for im in images for a in self.ANGLES]
+        preds, probs, _ = self.detect(images, captions)
+        return preds, probs
+
+    def detect(self, images: list[Image.Image], captions: list[str | None]
+               ) -> tuple[list[int], list[float], np.ndarray]:
+        """(turns, probabilities not upright, the 0-degree image embeddings): the last is the
+        image's CLIP embedding, so the stage stores it instead of a second forward pass."""
+        turned = [im.rotate(a, expand=True) if a else im for im in images for a in self.ANGLES]
         emb = self.clip.embed_images(turned).reshape(len(images), 4, -1)
         texts = [c if c and c.strip() else self.PROMPT for c in captions]
         txt = self.clip.embed_texts(texts)
@@ -197,7 +205,7 @@ class ClipRotationDetector:
         best = p.argmax(1)
         # rotation_pred is the counter-clockwise turn (PIL's Image.rotate) that makes the pixels
         # upright, i.e. exactly what action `correct` applies to the stored image.
-        return [int(self.ANGLES[b]) for b in best], [float(1.0 - row[0]) for row in p]
+        return [int(self.ANGLES[b]) for b in best], [float(1.0 - row[0]) for row in p], emb[:, 0]
 
 
 class TokenCounter:

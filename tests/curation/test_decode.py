@@ -27,6 +27,7 @@ def corpus(base) -> dict[str, bytes]:
     ("zero_bytes.jpg", "empty file"),
     ("not_an_image.jpg", "cannot identify"),
     ("corrupt.png", ""),
+    ("corrupt_idat_valid_crc.png", ""),
     ("bomb.png", "decompression bomb"),
 ])
 def test_broken_files_become_errors_not_crashes(corpus, name, needle):
@@ -98,3 +99,14 @@ def test_decode_never_raises_on_garbage():
         assert d.error
     d = decode(b"\xff\xd8\xff\xe0" + b"\0" * 100, 256, MAX_PIXELS)  # JPEG magic, nothing after
     assert d.error
+
+
+def test_corrupt_idat_with_valid_crcs_is_broken_whatever_decodes_first(base):
+    """Pillow's getexif() on a PNG decodes the pixels; its error must not be swallowed as "bad
+    EXIF" (the row would pass with half-decoded pixels)."""
+    from PIL import Image as PILImage
+
+    data = samples.corrupt_idat_png(base)
+    PILImage.open(__import__("io").BytesIO(data)).verify()  # every CRC is valid
+    d = decode(data, 256, MAX_PIXELS)
+    assert d.image is None and d.error, d
