@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from captioning.testing import (  # noqa: F401 (re-exported for the test modules)
     VLLMServer,
     build_tiny_qwen2vl,
+    free_port,
     jpeg,
     synthetic_image,
     vllm_available,
@@ -51,7 +53,7 @@ def completion(content: str, finish: str = "stop") -> dict[str, Any]:
                          "finish_reason": finish}]}
 
 
-Reply = tuple[int, Any] | str  # (status, JSON payload or text) or "drop" to close the socket
+Reply = tuple[int, Any] | tuple[int, Any, dict[str, str]] | str  # (status, payload[, headers]) or "drop"
 
 
 class _Server(ThreadingHTTPServer):
@@ -66,18 +68,21 @@ class ScriptedServer:
     """A real local HTTP server whose chat answers come from a Python function (for retry paths that
     a vLLM server cannot be made to produce on demand: 429, 5xx, dropped connections)."""
 
-    def __init__(self, respond: Callable[[dict[str, Any]], Reply]):
+    def __init__(self, respond: Callable[[dict[str, Any]], Reply], port: int = 0):
         self.respond = respond
         self.requests: list[dict[str, Any]] = []
+        self.times: list[float] = []  # time.monotonic() of each chat request
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
-            def _send(self, status: int, payload: Any) -> None:
+            def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
                 data = (json.dumps(payload) if not isinstance(payload, str) else payload).encode()
                 self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -88,6 +93,7 @@ class ScriptedServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.times.append(time.monotonic())
                 outer.requests.append(body)
                 reply = outer.respond(body)
                 if reply == "drop":
@@ -96,7 +102,7 @@ class ScriptedServer:
                     return
                 self._send(*reply)
 
-        self.httpd = _Server(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -108,12 +114,17 @@ class ScriptedServer:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop answering (connections are refused from now on; HTTP/1.0: no connection stays open)."""
+        if self.thread.is_alive():
+            self.httpd.shutdown()
         self.httpd.server_close()
 
 
 def kind_of(body: dict[str, Any]) -> str:
-    return body["response_format"]["json_schema"]["name"].rsplit("_", 1)[0].replace("-", ".")
+    return body["response_format"]["json_schema"]["name"].split("_", 1)[0].replace("-", ".")  # <kind>_<version>
 
 
 def image_of(body: dict[str, Any]) -> bytes:
