@@ -51,8 +51,9 @@ class PoolSource:
     """URI of its captions table (captioning/schema.py); the general/knowledge captions are indexed."""
     embedding_column: str = "clip_embedding"
     """Curated column holding the L2-normalised CLIP image embedding (any dimension)."""
-    category_column: str | None = None
-    """Optional curated column with a category label per row (added to `categories`)."""
+    category_column: str | None = "category"
+    """Curated column with a category label per row (added to `categories`; ignored when the table
+    has no such column)."""
     instruction_column: str | None = None
     """Edit-pair pools: column with the edit instruction; its rows are indexed as kind edit_pair."""
     base_id_column: str | None = None

@@ -1,0 +1,310 @@
+"""The retrieval engine: a LanceDB table over the curated pool, searched by vector + full text.
+
+Per pool row it holds the stored CLIP image embedding, the CLIP *text-tower* embedding of the
+row's caption text (the same model, so prompts, captions and images share one space) and the
+caption text under LanceDB's native full-text index (BM25; needs no model). Search is hybrid:
+nearest captions by cosine plus full-text matches, fused by reciprocal rank (LanceDB's RRF reranker).
+
+Vectors are searched exactly (a flat scan) until the table reaches ``index.ivf_min_rows``; from
+then on an IVF_PQ index (partitions sized from the row count, rebuilt when the table has doubled
+since the last build; rows added in between are searched flat by Lance until ``optimize``).
+
+Built and refreshed incrementally by one writer (the job that calls :func:`build_index`): rows whose
+text or decision is new or changed are embedded on Ray Data (an actor per CPU holding CLIP) and
+written with ``merge_insert`` on ``id``; rows that left the pool selection are deleted. A refresh
+with nothing new writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import lance
+import numpy as np
+import pyarrow as pa
+
+from flywheel.config import FlywheelConfig, IndexConfig, PoolSource
+from flywheel.schema import pool_index_schema
+from flywheel.store import delete_keys, open_table, read, sha1, storage_options, upsert
+
+log = logging.getLogger(__name__)
+TABLE = "pool_index"
+VECTORS = ("text_vector", "image_vector")
+
+
+# --------------------------------------------------------------------------- caption text
+def _json(text: str | None) -> dict:
+    try:
+        v = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return v if isinstance(v, dict) else {}
+
+
+def caption_text(caption: str | None, cap: dict, instruction: str | None = None) -> str:
+    """What a row is searched by: original caption, edit instruction and the English captions."""
+    g, k, t, s = (_json(cap.get(f"caption_{n}")) for n in ("general", "knowledge", "text", "structured"))
+    en = g.get("en") if isinstance(g.get("en"), dict) else {}
+    parts = [instruction, caption, en.get("short"), en.get("medium"), k.get("en"), t.get("en"), s.get("en")]
+    seen, out = set(), []
+    for p in parts:
+        if isinstance(p, str) and p.strip() and p.strip() not in seen:
+            seen.add(p.strip())
+            out.append(p.strip())
+    return " \n".join(out)
+
+
+def categories(cap: dict, category: str | None) -> list[str]:
+    """Concept labels: knowledge-caption entity names and types, the structured kind, the pool's own
+    category column; lower-case, sorted, unique."""
+    k, s = _json(cap.get("caption_knowledge")), _json(cap.get("caption_structured"))
+    out = {category} if category else set()
+    for e in k.get("entities") or []:
+        if isinstance(e, dict):
+            out |= {e.get("name"), e.get("type")} - {None, "other"}
+    if isinstance(s.get("kind"), str):
+        out.add(s["kind"])
+    return sorted({str(c).strip().lower() for c in out if str(c).strip()})
+
+
+# --------------------------------------------------------------------------- embedding
+class TextEmbedder:
+    """CLIP text tower (curation.scorers.ClipScorer): model loaded once per Ray actor."""
+
+    def __init__(self, clip):
+        from curation.scorers import ClipScorer
+
+        self.scorer = ClipScorer(clip)
+        self.scorer.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch["text"].to_pylist()
+        v = self.scorer.embed_texts([t or "" for t in texts]).astype(np.float32)
+        return batch.append_column("text_vector", pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1]))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self.scorer.embed_texts(texts).astype(np.float32)
+
+
+def embed_on_ray(rows: pa.Table, cfg: IndexConfig, progress: bool = False) -> pa.Table:
+    """Append `text_vector` to rows, CLIP text batches on a Ray Data actor pool."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    n_cpu = max(1, int(ray.available_resources().get("CPU", 1)))
+    workers = max(1, min(n_cpu, -(-rows.num_rows // cfg.batch_size)))
+    ds = ray.data.from_arrow(rows).map_batches(
+        TextEmbedder, fn_constructor_kwargs={"clip": cfg.clip}, batch_size=cfg.batch_size,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+
+
+# --------------------------------------------------------------------------- build / refresh
+@dataclass
+class IndexSummary:
+    pool_rows: int = 0
+    embedded: int = 0
+    deleted: int = 0
+    total: int = 0
+    vector_index: str = "exact"
+    seconds: float = 0.0
+
+    def text(self) -> str:
+        return (f"index: {self.pool_rows} pool rows selected, {self.embedded} (re)embedded, {self.deleted} removed, "
+                f"{self.total} indexed, vectors: {self.vector_index}, {self.seconds:.1f}s")
+
+
+def _pool_rows(name: str, spec: PoolSource, cfg: IndexConfig) -> pa.Table:
+    """The rows of one pool the index covers, with their text, categories and image embedding."""
+    ds = lance.dataset(spec.curated, storage_options=storage_options(spec.curated))
+    names = set(ds.schema.names)
+    reasons = ", ".join(f"'{r}'" for r in cfg.reject_reasons)
+    where = "keep = true" + (f" OR reject_reason IN ({reasons})" if reasons else "")
+    wanted = ["id", "stage", "keep", "reject_reason", "caption", spec.embedding_column, spec.category_column,
+              spec.instruction_column, spec.base_id_column]
+    t = ds.to_table(columns=[c for c in wanted if c and c in names], filter=where)
+    caps: dict[str, dict] = {}
+    if spec.captions:
+        cds = lance.dataset(spec.captions, storage_options=storage_options(spec.captions))
+        ccols = [c for c in cds.schema.names if c.startswith("caption_") or c == "id"]
+        for r in cds.to_table(columns=ccols).to_pylist():
+            caps[r["id"]] = r
+    get = lambda c: t[c].to_pylist() if c and c in t.column_names else [None] * t.num_rows  # noqa: E731
+    ids, cap_list = get("id"), get("caption")
+    instr, base, cat = get(spec.instruction_column), get(spec.base_id_column), get(spec.category_column)
+    texts = [caption_text(c, caps.get(i, {}), s) for i, c, s in zip(ids, cap_list, instr, strict=True)]
+    emb = t[spec.embedding_column] if spec.embedding_column in t.column_names else None
+    dim = None
+    if emb is not None:
+        dim = emb.type.list_size if pa.types.is_fixed_size_list(emb.type) else None
+    rows = pa.table({
+        "id": ids, "pool": [name] * t.num_rows, "pool_version": [ds.version] * t.num_rows,
+        "stage": get("stage"), "keep": get("keep"), "reject_reason": get("reject_reason"),
+        "kind": ["edit_pair" if s else "image" for s in instr], "base_id": base, "text": texts,
+        "categories": [categories(caps.get(i, {}), c) for i, c in zip(ids, cat, strict=True)],
+    })
+    img = np.zeros((t.num_rows, dim or 0), np.float32)
+    has = np.zeros(t.num_rows, bool)
+    if emb is not None and dim:
+        emb = emb.combine_chunks()
+        has = ~np.asarray(emb.is_null().to_numpy(zero_copy_only=False))
+        flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        # a null list still occupies dim slots in the child array of a fixed-size list
+        img = flat.reshape(t.num_rows, dim) if flat.size == t.num_rows * dim else img
+        img[~has] = 0.0
+    return rows.append_column("image_vector_np", pa.array(list(img), pa.list_(pa.float32()))) \
+        .append_column("has_image_vector", pa.array(has))
+
+
+def _fixed(a: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.astype(np.float32).ravel()), a.shape[1])
+
+
+def build_index(cfg: FlywheelConfig, db, progress: bool = False) -> IndexSummary:
+    """Create or refresh the pool index (one writer). Returns what changed."""
+    t0 = time.monotonic()
+    s = IndexSummary()
+    clip_id = [cfg.index.clip.model, cfg.index.clip.weights]
+    parts = [_pool_rows(name, spec, cfg.index) for name, spec in cfg.pools.items()]
+    if not parts:
+        raise ValueError("pools: no pool configured; the index needs at least one curated table")
+    rows = pa.concat_tables(parts, promote_options="permissive")
+    s.pool_rows = rows.num_rows
+    hashes = [sha1(t, c, clip_id, p, k, r, h)
+              for t, c, p, k, r, h in zip(rows["text"].to_pylist(), rows["categories"].to_pylist(),
+                                          rows["pool"].to_pylist(), rows["keep"].to_pylist(),
+                                          rows["reject_reason"].to_pylist(), rows["has_image_vector"].to_pylist(),
+                                          strict=True)]
+    rows = rows.append_column("text_hash", pa.array(hashes))
+    exists = TABLE in db.list_tables().tables
+    old = read(db.open_table(TABLE), ["id", "text_hash"]) if exists else pa.table({"id": [], "text_hash": []})
+    old_hash = dict(zip(old["id"].to_pylist(), old["text_hash"].to_pylist(), strict=True))
+    changed = rows.filter(pa.array([old_hash.get(i) != h for i, h in zip(rows["id"].to_pylist(), hashes, strict=True)]))
+    gone = sorted(set(old_hash) - set(rows["id"].to_pylist()))
+    if changed.num_rows:
+        emb = embed_on_ray(changed.select(["id", "text"]), cfg.index, progress)
+        order = {i: k for k, i in enumerate(emb["id"].to_pylist())}
+        tv = np.stack(emb["text_vector"].to_numpy(zero_copy_only=False))[[order[i] for i in changed["id"].to_pylist()]]
+        iv = np.stack(changed["image_vector_np"].to_numpy(zero_copy_only=False))
+        if iv.shape[1] == 0:  # no image embeddings in the pool: zeros in the text space's dim
+            iv = np.zeros_like(tv)
+        if iv.shape[1] != tv.shape[1]:
+            raise ValueError(f"index.clip: text embeddings have {tv.shape[1]} dims but the pool's image "
+                             f"embeddings {iv.shape[1]}: configure the CLIP model the curation stage used")
+        out = changed.drop(["image_vector_np"]).append_column("text_vector", _fixed(tv)) \
+            .append_column("image_vector", _fixed(iv)) \
+            .append_column("indexed_at", pa.array([datetime.now(UTC)] * changed.num_rows, pa.timestamp("us", tz="UTC")))
+        schema = pool_index_schema(tv.shape[1])
+        tbl = open_table(db, TABLE, schema)
+        s.embedded = upsert(tbl, out.select(schema.names).cast(schema), compare=("text_hash",), key="id")
+    if gone:
+        s.deleted = delete_keys(db.open_table(TABLE), gone)
+    if TABLE not in db.list_tables().tables:
+        return s
+    tbl = db.open_table(TABLE)
+    s.total = tbl.count_rows()
+    s.vector_index = _maintain_indices(tbl, cfg.index, s.total, bool(s.embedded or s.deleted))
+    s.seconds = time.monotonic() - t0
+    return s
+
+
+def _maintain_indices(tbl, cfg: IndexConfig, n: int, changed: bool) -> str:
+    """FTS always; IVF_PQ from ivf_min_rows on (rebuilt when rows doubled); otherwise exact search.
+    Nothing is written when nothing changed."""
+    have = {i.columns[0]: i for i in tbl.list_indices()}
+    if "text" not in have:
+        from lancedb.index import FTS
+
+        tbl.create_index("text", config=FTS(with_position=False, remove_stop_words=True, stem=True), replace=True)
+    elif changed:
+        tbl.optimize()  # folds new rows into the FTS (and vector) index
+    if n < cfg.ivf_min_rows:
+        return "exact"
+    dim = tbl.schema.field("text_vector").type.list_size
+    parts = max(1, n // cfg.rows_per_partition)
+    for col in VECTORS:
+        built = have.get(col)
+        if built is None or (built.num_indexed_rows or 0) * 2 <= n:
+            tbl.create_index(metric="cosine", vector_column_name=col, index_type="IVF_PQ", num_partitions=parts,
+                             num_sub_vectors=_sub_vectors(dim, cfg.sub_vector_dim), replace=True)
+    return f"IVF_PQ ({parts} partitions)"
+
+
+def _sub_vectors(dim: int, sub: int) -> int:
+    """num_sub_vectors must divide dim: the largest divisor of dim not above dim / sub."""
+    target = max(1, dim // sub)
+    return max(d for d in range(1, target + 1) if dim % d == 0)
+
+
+# --------------------------------------------------------------------------- search
+class PoolIndex:
+    """Hybrid search over the index table (read-only; any number of readers)."""
+
+    def __init__(self, db, cfg: IndexConfig):
+        self.tbl, self.cfg = db.open_table(TABLE), cfg
+        self.version = self.tbl.version
+        self.indexed = {i.columns[0] for i in self.tbl.list_indices()}
+
+    def _tune(self, q, col: str):
+        if col in self.indexed:
+            q = q.nprobes(self.cfg.nprobes).refine_factor(self.cfg.refine_factor)
+        return q
+
+    def hybrid(self, text: str, vector: np.ndarray, k: int, where: str | None = None) -> pa.Table:
+        """Top-k by RRF of cosine on caption embeddings and BM25 on caption text; adds
+        `similarity` (exact cosine of the caption embedding) and `fts_match`."""
+        from lancedb.rerankers import RRFReranker
+
+        cols = ["id", "pool", "pool_version", "kind", "base_id", "keep", "reject_reason", "text", "categories",
+                "text_vector"]  # _distance / _score are added by the search
+        q = self.tbl.search(query_type="hybrid", vector_column_name="text_vector").vector(vector).text(_fts_query(text))
+        q = self._tune(q.distance_type("cosine"), "text_vector").rerank(RRFReranker(return_score="all"))
+        if where:
+            q = q.where(where, prefilter=True)
+        r = q.limit(k).select(cols).to_arrow()
+        return _with_similarity(r, vector, fts=True)
+
+    def images(self, vector: np.ndarray, k: int, where: str | None = None) -> pa.Table:
+        """Top-k pool images by cosine between the prompt's text embedding and the stored image
+        embeddings (CLIP's text-to-image direction)."""
+        cond = "has_image_vector = true" + (f" AND ({where})" if where else "")
+        q = self.tbl.search(vector, vector_column_name="image_vector").distance_type("cosine")
+        q = self._tune(q, "image_vector").where(cond, prefilter=True).limit(k)
+        r = q.select(["id", "pool", "pool_version", "kind", "base_id", "keep", "reject_reason", "text",
+                      "categories"]).to_arrow()
+        return r.append_column("similarity", pa.array((1.0 - r["_distance"].to_numpy()).astype(np.float32)))
+
+    def category_counts(self) -> dict[str, int]:
+        import pyarrow.compute as pc
+
+        cats = read(self.tbl, ["categories"])["categories"]
+        flat = pc.list_flatten(cats)
+        vc = pc.value_counts(flat) if len(flat) else []
+        return {v["values"].as_py(): v["counts"].as_py() for v in vc}
+
+    def count(self, where: str | None = None) -> int:
+        return self.tbl.count_rows(where)
+
+
+def _fts_query(text: str) -> str:
+    # The FTS parser treats some punctuation as syntax; the search is over words only.
+    return " ".join("".join(ch if ch.isalnum() else " " for ch in text).split()) or "_"
+
+
+def _with_similarity(r: pa.Table, vector: np.ndarray, fts: bool) -> pa.Table:
+    if r.num_rows == 0:
+        return r.append_column("similarity", pa.array([], pa.float32())).append_column("fts_match", pa.array([], pa.bool_()))
+    tv = np.stack(r["text_vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    q = vector / (np.linalg.norm(vector) or 1.0)
+    sim = tv @ q / np.maximum(np.linalg.norm(tv, axis=1), 1e-12)
+    score = r["_score"].to_numpy(zero_copy_only=False).astype(np.float64) if fts and "_score" in r.column_names \
+        else np.full(r.num_rows, np.nan)
+    match = pa.array(~np.isnan(score))
+    return r.drop(["text_vector"]).append_column("similarity", pa.array(sim.astype(np.float32))) \
+        .append_column("fts_match", match)
