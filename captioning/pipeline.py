@@ -195,11 +195,13 @@ def iter_todo(src: lance.LanceDataset, done: set[str] | dict, batch_size: int,
 
 class CaptionWriter:
     """Buffers result rows and commits them with merge_insert on `id` every `commit_every` rows,
-    guarded by REPLACE_IF (an ok row is never replaced by a failed one)."""
+    guarded by REPLACE_IF (an ok row is never replaced by a failed one). Other tables keyed on `id`
+    (flywheel/pe_schema.py) pass their own `schema` and guard."""
 
-    def __init__(self, cfg: CaptionConfig, source_uri: str, source_version: int):
-        self.cfg = cfg
-        self.schema = with_source_metadata(SCHEMA, source_uri, source_version)
+    def __init__(self, cfg: CaptionConfig, source_uri: str, source_version: int,
+                 schema: pa.Schema = SCHEMA, replace_if: str = REPLACE_IF):
+        self.cfg, self.replace_if = cfg, replace_if
+        self.schema = with_source_metadata(schema, source_uri, source_version)
         self.rows: list[dict[str, Any]] = []
         self.version: int | None = None
         self.committed = 0
@@ -221,7 +223,7 @@ class CaptionWriter:
                 ds = lance.write_dataset(table, self.cfg.output, schema=self.schema, mode="create")
             else:
                 ds = lance.dataset(self.cfg.output)
-                ds.merge_insert("id").when_matched_update_all(REPLACE_IF).when_not_matched_insert_all().execute(table)
+                ds.merge_insert("id").when_matched_update_all(self.replace_if).when_not_matched_insert_all().execute(table)
                 ds = lance.dataset(self.cfg.output)
                 if (ds.schema.metadata or {}) != self.schema.metadata:  # a rerun from a newer curated version
                     ds.replace_schema_metadata({k.decode(): v.decode() for k, v in self.schema.metadata.items()})
