@@ -1,0 +1,288 @@
+"""Stage-4 image-quality scores: BRISQUE, JPEG quality factor, blockiness. Scores only; the stage
+config's rules decide (defaults below, calibrated by ``benchmarks/calibrate_stage4.py``, figures
+in ``curation/QUALITY.md``).
+
+* :func:`brisque_score` — no-reference quality (Mittal et al. 2012): 36 natural-scene statistics of
+  the MSCN coefficients at 2 scales, scored by the SVR that the ``brisque`` wheel ships. Computed
+  at a fixed analysis size so a 512 px and a 2048 px copy of a photo score alike.
+* :func:`jpeg_quality` — the IJG quality factor that best reproduces the file's quantisation
+  tables (header only, no decode); None for non-JPEG.
+* :func:`blockiness` — the 8x8 block-grid edge energy on decoded pixels: catches what the tables
+  cannot (a q10 JPEG re-saved at q95, a PNG that once was a bad JPEG).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from functools import lru_cache
+from importlib import resources
+
+import cv2
+import numpy as np
+from PIL import Image
+
+# Defaults of the stage-4 rules (calibration: benchmarks/calibrate_stage4.py, curation/QUALITY.md).
+DEFAULT_MAX_BRISQUE = 55.0
+"""Reject when the BRISQUE score (0 best .. ~100 worst, at the analysis size) is above this."""
+DEFAULT_MIN_JPEG_QUALITY = 40.0
+"""Reject JPEGs whose estimated IJG quality factor is below this (null for non-JPEG passes)."""
+DEFAULT_MAX_BLOCKINESS = 0.35
+"""Reject when the 8x8 block-boundary edge excess (0 = none) is above this."""
+
+BRISQUE_ANALYSIS_SIZE = 512
+"""Short side, in pixels, every larger image is downscaled to before BRISQUE features are computed."""
+
+# --------------------------------------------------------------------------- JPEG quality factor
+# IJG (libjpeg) standard tables, ITU-T T.81 Annex K, natural (row-major) order — the order in which
+# Pillow's ``JpegImageFile.quantization`` reports a file's tables.
+_IJG_LUMA = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], np.int64)
+_IJG_CHROMA = np.array([
+    17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
+    24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99] + [99] * 32, np.int64)
+
+
+@lru_cache(maxsize=1)
+def _ijg_tables() -> np.ndarray:
+    """(100, 2, 64): libjpeg's ``jpeg_set_quality`` tables for q = 1..100 (baseline-clamped)."""
+    q = np.arange(1, 101)
+    scale = np.where(q < 50, 5000 // q, 200 - 2 * q)[:, None, None]
+    base = np.stack([_IJG_LUMA, _IJG_CHROMA])[None]
+    return np.clip((base * scale + 50) // 100, 1, 255)
+
+
+def jpeg_quality(data: bytes) -> float | None:
+    """Estimated IJG quality factor (1..100) of a JPEG from its quantisation tables, or None when
+    ``data`` is not a JPEG (or has no tables). Reads the header only: Pillow parses the DQT
+    markers in ``Image.open`` and decodes nothing until ``load()``.
+
+    The estimate is the q whose IJG tables are closest (mean |log ratio|) to the file's: exact for
+    files written by libjpeg/Pillow/OpenCV; for an encoder with its own tables (cameras,
+    Photoshop) it is the IJG q of equivalent coarseness.
+    """
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - not an image at all: no JPEG quality either
+        return None
+    tables = getattr(im, "quantization", None) if im.format in ("JPEG", "MPO") else None
+    if not tables:
+        return None
+    ref = _ijg_tables()
+    keys = sorted(tables)[:2]  # 0 = luminance, 1 = chrominance (when present)
+    got = np.log(np.array([list(tables[k]) for k in keys], np.float64).clip(1))
+    err = np.abs(np.log(ref[:, : len(keys)].astype(np.float64)) - got[None]).mean(axis=(1, 2))
+    # Several q can give the same tables near q=100 (everything clamps to 1): take the highest.
+    best = np.flatnonzero(err <= err.min() + 1e-12)
+    return float(best.max() + 1)
+
+
+# --------------------------------------------------------------------------- blockiness
+_BLOCKINESS_CROP = 1024  # centre crop side; the grid statistic converges long before this
+_BLOCKINESS_FLOOR = 1.0  # grey levels added to both means: flat areas must not make a ratio blow up
+
+
+def _grey(img: Image.Image) -> np.ndarray:
+    if img.mode == "L":
+        return np.asarray(img, np.float32)
+    a = np.asarray(img.convert("RGB"), np.float32)
+    return a @ np.array([0.299, 0.587, 0.114], np.float32)  # JPEG's own luma weights
+
+
+def _grid_excess(d: np.ndarray, block: int) -> float:
+    """``d``: |neighbour differences| along the last axis. Mean per phase (column mod block); the
+    strongest phase over the mean of the others, minus 1 — the strongest phase so that an image
+    cropped off the 8-pixel grid still scores."""
+    n = d.shape[-1] // block * block
+    if n < 2 * block:
+        return 0.0
+    per_phase = d[..., :n].reshape(-1, n // block, block).mean(axis=(0, 1))
+    k = int(per_phase.argmax())
+    others = np.delete(per_phase, k).mean()
+    return float((per_phase[k] + _BLOCKINESS_FLOOR) / (others + _BLOCKINESS_FLOOR) - 1.0)
+
+
+def blockiness(img: Image.Image, block: int = 8) -> float:
+    """Blocking-artefact score of decoded pixels: how much stronger luma edges are on one phase of
+    a ``block``-pixel grid than elsewhere, mean of the horizontal and vertical excess. ~0 for
+    natural or smooth images, ~0.1 for a q75 JPEG, > 0.5 for q10 — and it stays there when the
+    file is re-saved at q95 or as PNG (the tables then say "high quality").
+
+    Give it pixels on the file's own grid at full resolution (the defaults are calibrated there):
+    resampling destroys the grid, and a JPEG decoded at DCT scale 1/2 (Pillow ``draft``, then
+    ``block=4``) keeps it but separates worse (measured on the calibration set: clean <= 0.07,
+    q10 re-saved >= 0.12, but smooth illustrations and upscales up to 0.16).
+    """
+    g = _grey(img)
+    h, w = g.shape
+    # Centre crop aligned to the block grid (a crop at a multiple of `block` keeps the phases).
+    ch, cw = min(h, _BLOCKINESS_CROP), min(w, _BLOCKINESS_CROP)
+    y0, x0 = (h - ch) // 2 // block * block, (w - cw) // 2 // block * block
+    g = g[y0:y0 + ch, x0:x0 + cw]
+    dx = np.abs(np.diff(g, axis=1))
+    dy = np.abs(np.diff(g, axis=0)).T  # transpose: the grid phase runs along the last axis
+    return max(0.0, 0.5 * (_grid_excess(dx, block) + _grid_excess(dy, block)))
+
+
+# --------------------------------------------------------------------------- BRISQUE
+# Constants of the ``brisque`` package (0.2.0) whose SVR we use: features must be computed exactly
+# as its training code did (skimage grey in [0, 1], 7x7 Gaussian with sigma 7/6 and zero padding,
+# C = 1/255, cubic half-scale), or its scaling and support vectors mean nothing.
+_GREY = np.array([0.2125, 0.7154, 0.0721])  # skimage.color.rgb2gray
+_C = 1.0 / 255.0
+
+
+def _gauss_kernel(n: int = 7, sigma: float = 7 / 6) -> np.ndarray:
+    y, x = np.indices((n, n)) - n // 2
+    k = np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+_KERNEL = _gauss_kernel()
+
+
+def _mscn(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MSCN coefficients and the local standard deviation they were divided by."""
+    # cv2.filter2D with a zero border == scipy.signal.convolve2d(..., "same") for this symmetric
+    # kernel, ~20x faster (the package's convolutions are most of its 1.8 s per image).
+    mu = cv2.filter2D(grey, cv2.CV_64F, _KERNEL, borderType=cv2.BORDER_CONSTANT)
+    ex2 = cv2.filter2D(grey * grey, cv2.CV_64F, _KERNEL, borderType=cv2.BORDER_CONSTANT)
+    sd = np.sqrt(np.abs(mu * mu - ex2))
+    return (grey - mu) / (sd + _C), sd
+
+
+# phi(alpha) = Gamma(2/a)^2 / (Gamma(1/a) Gamma(3/a)) is increasing in alpha: invert it by
+# interpolation on a fine grid (the package solves it with scipy.optimize.root from 0.2).
+_ALPHA = np.arange(0.05, 12.0, 0.0005)
+
+
+@lru_cache(maxsize=1)
+def _phi_table() -> np.ndarray:
+    from scipy.special import gammaln
+
+    return np.exp(2 * gammaln(2 / _ALPHA) - gammaln(1 / _ALPHA) - gammaln(3 / _ALPHA))
+
+
+def _aggd(x: np.ndarray) -> tuple[float, float, float, float]:
+    """Asymmetric generalised Gaussian fit by moment matching: (alpha, mean, sigma_l, sigma_r)."""
+    from scipy.special import gammaln
+
+    x = x.ravel()
+    xn = np.minimum(x, 0.0)  # dot products instead of boolean indexing: ~4x faster
+    n_neg = int(np.count_nonzero(xn))
+    sq_left, sq_all = float(xn @ xn), float(x @ x)
+    left = sq_left / max(n_neg, 1)
+    right = (sq_all - sq_left) / max(x.size - n_neg, 1)
+    gamma = np.sqrt(left) / np.sqrt(right) if right > 0 else np.inf
+    r_hat = (float(np.abs(x).sum()) / x.size) ** 2 / (sq_all / x.size)
+    big_r = r_hat * (gamma ** 3 + 1) * (gamma + 1) / (gamma ** 2 + 1) ** 2
+    alpha = float(np.interp(big_r, _phi_table(), _ALPHA))
+    const = np.exp(0.5 * (gammaln(1 / alpha) - gammaln(3 / alpha)))
+    sl, sr = np.sqrt(left), np.sqrt(right)
+    mean = (sr - sl) * const * np.exp(gammaln(2 / alpha) - gammaln(1 / alpha))
+    return alpha, float(mean), float(sl), float(sr)
+
+
+BRISQUE_MIN_ACTIVITY = 0.01
+"""Local standard deviation (grey, 0..1) below which a pixel is flat and left out of the fits."""
+_MIN_ACTIVE_FRACTION = 0.01  # fewer active pixels than this: no texture to judge, score is None
+
+
+def _scale_features(grey: np.ndarray, activity: float) -> list[float] | None:
+    m, sd = _mscn(grey)
+    if activity > 0:
+        # Only where there is local structure: flat areas (a bokeh background, the fills of a
+        # drawing, a gradient) give MSCN ~ rounding noise / C, which the SVR reads as distortion.
+        # The 3-pixel frame is out too: zero padding fakes contrast there.
+        mask = sd > activity
+        mask[:3], mask[-3:], mask[:, :3], mask[:, -3:] = False, False, False, False
+        if mask.mean() < _MIN_ACTIVE_FRACTION:
+            return None
+    else:
+        mask = np.ones(m.shape, bool)  # the package's features exactly (every pixel)
+    alpha, _, sl, sr = _aggd(m[mask])
+    feats = [alpha, (sl ** 2 + sr ** 2) / 2]
+    for pair, pm in ((m[:, :-1] * m[:, 1:], mask[:, :-1] & mask[:, 1:]), (m[:-1] * m[1:], mask[:-1] & mask[1:]),
+                     (m[:-1, :-1] * m[1:, 1:], mask[:-1, :-1] & mask[1:, 1:]),
+                     (m[1:, :-1] * m[:-1, 1:], mask[1:, :-1] & mask[:-1, 1:])):
+        alpha, mean, sl, sr = _aggd(pair[pm])
+        feats += [alpha, mean, sl ** 2, sr ** 2]
+    return feats
+
+
+def analysis_grey(img: Image.Image, size: int = BRISQUE_ANALYSIS_SIZE) -> np.ndarray:
+    """The grey float image in [0, 1] (skimage weights) downscaled so that its short side is
+    ``size``: the fixed analysis size that makes scores of a 512 px and a 2048 px copy comparable.
+    A smaller image is analysed as it is (upscaling would manufacture blur); stage 4's resolution
+    filter runs first, so there every image reaches the analysis size."""
+    rgb = np.asarray(img.convert("RGB"))
+    h, w = rgb.shape[:2]
+    s = size / min(h, w)
+    if s < 1.0:  # resize the 8-bit RGB first (cheaper), then the package's grey conversion
+        rgb = cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    grey = rgb.astype(np.float64) @ (_GREY / 255.0)
+    return grey
+
+
+def brisque_features(grey: np.ndarray, activity: float = BRISQUE_MIN_ACTIVITY) -> np.ndarray | None:
+    """The 36 BRISQUE features of a grey [0, 1] image: 18 at full and 18 at half scale, fitted on
+    the pixels whose local std exceeds ``activity`` (0: all pixels, exactly the ``brisque``
+    package's features). None when too few pixels have any structure."""
+    half = cv2.resize(grey, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_CUBIC)
+    full, low = _scale_features(grey, activity), _scale_features(half, activity)
+    return None if full is None or low is None else np.array(full + low)
+
+
+class _Svr:
+    """libsvm epsilon-SVR with an RBF kernel, parsed from its text model and evaluated in numpy:
+    f(x) = sum_i coef_i exp(-gamma |x - sv_i|^2) - rho."""
+
+    def __init__(self, text: str, n_features: int):
+        head, body = text.split("\nSV\n", 1)
+        meta = dict(line.split(" ", 1) for line in head.splitlines())
+        if meta.get("svm_type") != "epsilon_svr" or meta.get("kernel_type") != "rbf":
+            raise ValueError(f"unsupported libsvm model: {meta.get('svm_type')}/{meta.get('kernel_type')}")
+        self.gamma, self.rho = float(meta["gamma"]), float(meta["rho"])
+        rows = [line.split() for line in body.splitlines() if line.strip()]
+        self.coef = np.array([float(r[0]) for r in rows])
+        self.sv = np.zeros((len(rows), n_features))
+        for i, r in enumerate(rows):  # sparse "index:value" pairs; absent = 0
+            for item in r[1:]:
+                k, v = item.split(":")
+                self.sv[i, int(k) - 1] = float(v)
+        self.sv_sq = (self.sv ** 2).sum(1)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.atleast_2d(x)
+        d2 = (x ** 2).sum(1)[:, None] + self.sv_sq[None] - 2 * x @ self.sv.T
+        return np.exp(-self.gamma * np.maximum(d2, 0)) @ self.coef - self.rho
+
+
+@lru_cache(maxsize=1)
+def _brisque_model() -> tuple[_Svr, np.ndarray, np.ndarray]:
+    models = resources.files("brisque") / "models"  # files only: brisque.py itself imports libsvm
+    with (models / "normalize.pickle").open("rb") as f:
+        params = pickle.load(f)
+    lo, hi = np.asarray(params["min_"], np.float64), np.asarray(params["max_"], np.float64)
+    return _Svr((models / "svm.txt").read_text(), len(lo)), lo, hi
+
+
+def brisque_from_features(features: np.ndarray) -> np.ndarray:
+    """SVR score(s) of (n, 36) raw features, scaled to [-1, 1] with the package's min/max."""
+    svr, lo, hi = _brisque_model()
+    return svr(-1.0 + 2.0 * (np.atleast_2d(features) - lo) / (hi - lo))
+
+
+def brisque_score(img: Image.Image, size: int = BRISQUE_ANALYSIS_SIZE,
+                  activity: float = BRISQUE_MIN_ACTIVITY) -> float | None:
+    """BRISQUE score of ``img`` at the fixed analysis size (short side ``size``): ~0 pristine, higher
+    worse (blur, noise, blocking); not bounded to 0..100 for images far from its training set.
+
+    Fitted on the structured pixels only (``activity``), so that the flat areas of a sharp photo
+    with a blurred background, or of a clean illustration, do not count as distortion. None
+    (no score: the rule passes) when the image has next to no structure (a pure gradient)."""
+    feats = brisque_features(analysis_grey(img, size), activity)
+    return None if feats is None else float(brisque_from_features(feats)[0])
