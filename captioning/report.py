@@ -65,6 +65,7 @@ def compute_stats(table: pa.Table) -> dict[str, Any]:
             if t == "text":
                 text_total += 1
                 text_quoted += bool(QUOTED.search("\n".join(by_lang["en"] + by_lang["zh"])))
+    agreement = [r["ocr_agreement"] for r in rows if r.get("ocr_agreement") is not None]
     routed = [r for r in rows if r["route_json"] is not None]
     routing = {"general": len(routed)}
     routing.update({t: sum(bool(r[f"route_{t}"]) for r in routed) for t in ROUTED_TYPES.values()})
@@ -80,6 +81,8 @@ def compute_stats(table: pa.Table) -> dict[str, Any]:
         "zh_cjk_share": {t: (zh_cjk[t] / zh_total[t] if zh_total[t] else None) for t in CAPTION_TYPES},
         "text_quoted_share": text_quoted / text_total if text_total else None,
         "attempts_mean": statistics.fmean(r["attempts"] for r in rows) if rows else None,
+        "ocr_agreement": agreement,
+        "ocr_flagged": sum(bool(r.get("ocr_flag")) for r in rows),
     }
 
 
@@ -104,6 +107,10 @@ def stat_lines(stats: dict[str, Any]) -> list[str]:
         lines.append(f"{t}: {stats['captions'][t]} captions; " + "; ".join(parts)
                      + f"; zh with CJK {pct(stats['zh_cjk_share'][t])}")
     lines.append(f"text captions with quoted text: {pct(stats['text_quoted_share'])}")
+    if stats["ocr_agreement"]:
+        a = sorted(stats["ocr_agreement"])
+        lines.append(f"OCR check of {len(a)} text captions: agreement median {statistics.median(a):.2f}, "
+                     f"min {a[0]:.2f}; {stats['ocr_flagged']} flagged (ocr_flag)")
     if stats["failures"]:
         lines.append("failures: " + ", ".join(f"{k}={v}" for k, v in sorted(stats["failures"].items())))
     return lines
@@ -149,6 +156,15 @@ def write_report(stats: dict[str, Any], path: str | Path, title: str = "captions
     axes[2].set_title("quality checks (% of captions)")
     images.append(("Routing, failures, quality checks", _png(fig)))
     plt.close(fig)
+
+    if stats["ocr_agreement"]:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.hist(stats["ocr_agreement"], bins=20, range=(0, 1), color="tab:orange")
+        ax.set_xlabel("character agreement of the transcription with OCR")
+        ax.set_ylabel("text captions")
+        ax.set_title(f"OCR agreement (n={len(stats['ocr_agreement'])}, flagged {stats['ocr_flagged']})")
+        images.append(("OCR agreement of text captions", _png(fig)))
+        plt.close(fig)
 
     body = "".join(f"<li>{html.escape(line)}</li>" for line in stat_lines(stats))
     figs = "".join(f"<h2>{html.escape(h)}</h2><img src='data:image/png;base64,{b64}'/>" for h, b64 in images)
