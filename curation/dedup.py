@@ -1,25 +1,148 @@
 """Global exact + near-duplicate clustering over the whole dataset's stored hashes.
 
-Near duplicates are 64-bit pHashes within Hamming distance ``d``. The candidate search is
-multi-index hashing (Norouzi et al.): split the hash into ``m`` bands; by the pigeonhole principle
-two hashes within ``d`` agree to within ``d // m`` bits on at least one band, so each band is
-searched with every flip pattern of up to ``d // m`` bits in a per-band bucket table (counting
-sort; vectorised numpy, no Python loop per item). Candidates are verified with an exact popcount, and
-clusters are the connected components of the verified pairs plus the exact content-hash groups
-(``scipy.sparse.csgraph``). Identical pHashes collapse first, so a flood of identical blank images
-costs one unique value, not a quadratic bucket.
+Near duplicates are 64-bit pHashes within Hamming distance ``d``. Two candidate searches, both
+exact (every pair within ``d`` is found), chosen per call by a cost model:
+
+* **Block covering** (large inputs): the hash is 16 blocks of 4 bits; two hashes within ``d``
+  differ in at most ``d`` blocks, so they agree exactly on any key made of blocks outside those.
+  A greedy covering family of ``s``-block keys (every set of ``d`` blocks misses at least one key)
+  turns the search into a few dozen exact-key groupings — each a packed ``(key, index)`` sort —
+  with keys ``4s`` bits wide, ``s`` chosen from ``n`` so that random key collisions (~n²/2^4s)
+  stay below ``n``: candidate work grows about linearly with ``n``.
+* **Multi-index probing** (small inputs, large ``d``): ``m`` bands, every flip pattern of up to
+  ``d // m`` bits probed in a per-band bucket table; cheap for small ``n``, but random band
+  collisions grow as n²/2^(64/m).
+
+Candidates are verified with an exact popcount; verified pairs are merged into components as they
+arrive (``scipy.sparse.csgraph``), so a pair found by many keys costs no memory. Identical pHashes
+collapse first, so a flood of identical blank images costs one unique value. With ``distributed``
+the key groupings run as a Ray Data shuffle (keys hash-partitioned through ``groupby``), for inputs
+whose per-key work does not fit one node; components are merged in the driver.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from collections.abc import Iterator
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+BLOCKS, BLOCK_BITS = 16, 4
+# Relative costs measured on 2 CPU cores at 1M-16M hashes: one hash through one covering key
+# (extract, pack, sort, scan) ~ 1; one candidate pair (gathers, xor, popcount) ~ 2; one probe of
+# one hash in a bucket table ~ 1.2.
+_SORT_COST, _PAIR_COST, _PROBE_COST = 1.0, 2.0, 1.2
+# Candidate pairs materialised at once by the probing search (bounds memory).
+_CHUNK_PAIRS = 1 << 22
+_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+_EMPTY_U = (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
 
+
+# --------------------------------------------------------------------------- block covering
+@functools.lru_cache(maxsize=None)
+def covering(s: int, d: int) -> tuple[tuple[int, ...], ...]:
+    """Greedy family of ``s``-block keys such that every set of ``d`` blocks misses one of them
+    entirely (so two hashes differing in at most ``d`` blocks agree on that key)."""
+    if s + d > BLOCKS:
+        raise ValueError(f"no {s}-block key survives {d} dirty blocks out of {BLOCKS}")
+    keys = list(itertools.combinations(range(BLOCKS), s))
+    key_mask = np.array([sum(1 << b for b in k) for k in keys], np.uint16)
+    dirty_mask = np.array([sum(1 << b for b in c) for c in itertools.combinations(range(BLOCKS), d)],
+                          np.uint16)
+    # survives[D, K]: key K has no block in dirty set D. Rows by dirty set, so the greedy update
+    # below reads whole rows.
+    survives = np.concatenate([(dirty_mask[a:a + 512, None] & key_mask[None, :]) == 0
+                               for a in range(0, len(dirty_mask), 512)])
+    gain = survives.sum(0)
+    uncovered = np.ones(len(dirty_mask), bool)
+    family = []
+    while uncovered.any():
+        best = int(gain.argmax())
+        family.append(keys[best])
+        newly = np.flatnonzero(uncovered & survives[:, best])
+        uncovered[newly] = False
+        gain -= survives[newly].sum(0)
+    return tuple(family)
+
+
+def _runs(blocks) -> list[tuple[int, int]]:
+    """Blocks as (first block, length) runs of adjacent blocks: one shift per run, not per block."""
+    runs: list[list[int]] = []
+    for b in blocks:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1][1] += 1
+        else:
+            runs.append([b, 1])
+    return [(a, n) for a, n in runs]
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(key: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    """(source bit, width, destination bit) moves putting the key's blocks at the top of the word
+    and the other blocks below them: a bit permutation, so Hamming distances are unchanged."""
+    moves, top = [], 64
+    rest = [b for b in range(BLOCKS) if b not in key]
+    for a, n in _runs(key) + _runs(rest):
+        top -= n * BLOCK_BITS
+        moves.append((a * BLOCK_BITS, n * BLOCK_BITS, top))
+    return tuple(moves)
+
+
+def permute(h: np.ndarray, key: tuple[int, ...], inverse: bool = False) -> np.ndarray:
+    """``h`` with the key's blocks moved to the top bits (or back, with ``inverse``)."""
+    out = np.zeros(len(h), np.uint64)
+    for src, width, dst in _layout(key):
+        if inverse:
+            src, dst = dst, src
+        part = (h >> np.uint64(src)) & np.uint64((1 << width) - 1) if src else h & np.uint64((1 << width) - 1)
+        out |= part << np.uint64(dst) if dst else part
+    return out
+
+
+def sorted_pairs(v: np.ndarray, key_bits: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Verified value pairs among permuted hashes ``v`` sharing their top ``key_bits`` bits.
+
+    One SIMD sort of the values (~10x faster than an argsort) puts each key's hashes next to each
+    other, with all their bits, so the popcount check reads neighbours instead of gathering at
+    random. Pairs are every (p, p + k) in one run, by increasing k over the runs still long enough."""
+    n = len(v)
+    if n < 2:
+        return _EMPTY_U
+    vs = np.sort(v)
+    b = vs >> np.uint64(64 - key_bits) if key_bits else np.zeros(n, np.uint64)
+    same = b[1:] == b[:-1]
+    out_x, out_y = [], []
+    p, k = np.flatnonzero(same), 1
+    while len(p):
+        x, y = vs[p], vs[p + k]
+        ok = np.bitwise_count(x ^ y) <= d
+        out_x.append(x[ok])
+        out_y.append(y[ok])
+        p = p[p + k < n - 1]
+        p = p[same[p + k]]
+        k += 1
+    if not out_x:
+        return _EMPTY_U
+    return np.concatenate(out_x), np.concatenate(out_y)
+
+
+def _covering_pairs(h: np.ndarray, d: int, s: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Pairs as indices into ``h`` (sorted, distinct)."""
+    for key in covering(s, d):
+        x, y = sorted_pairs(permute(h, key), BLOCK_BITS * s, d)
+        if len(x):
+            yield _ordered(np.searchsorted(h, permute(x, key, True)), np.searchsorted(h, permute(y, key, True)))
+
+
+def _ordered(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.minimum(i, j), np.maximum(i, j)
+
+
+# --------------------------------------------------------------------------- multi-index probing
 def _flip_masks(bits: int, radius: int) -> np.ndarray:
     masks = [0]
     for r in range(1, radius + 1):
@@ -27,25 +150,10 @@ def _flip_masks(bits: int, radius: int) -> np.ndarray:
     return np.array(masks, dtype=np.uint64)
 
 
-# A verified candidate pair (gathers, xor, popcount, filter) costs about half a probe's per-hash
-# work (xor, two table gathers, chunking); measured at 160k and 640k hashes on 2 CPU cores.
-_PAIR_COST = 0.5
-# Candidate pairs materialised at once (bounds memory on large inputs: ~5 int64 arrays of this size).
-_CHUNK_PAIRS = 1 << 22
-
-
-def _choose_bands(n: int, d: int) -> int:
-    """Bands m (3..8, so a band's bucket table has at most 2^22 entries) minimising bucket lookups
-    plus weighted candidate pairs for n uniform hashes: 16-bit bands up to ~2 million hashes,
-    21-bit bands beyond, so the pair term never turns quadratic."""
-    best, best_cost = 3, math.inf
-    for m in range(3, 9):
-        bits = 64 // m
-        probes = sum(math.comb(bits, r) for r in range(d // m + 1))
-        cost = m * probes * (n + _PAIR_COST * n * n / 2.0**bits)
-        if cost < best_cost:
-            best, best_cost = m, cost
-    return best
+def _probe_cost(n: int, d: int, m: int) -> float:
+    bits = 64 // m
+    probes = sum(math.comb(bits, r) for r in range(d // m + 1))
+    return m * probes * (_PROBE_COST * n + _PAIR_COST * n * n / 2.0**bits)
 
 
 def _chunks(cnt: np.ndarray):
@@ -56,19 +164,10 @@ def _chunks(cnt: np.ndarray):
     return zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True)
 
 
-def near_pairs(hashes: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs (i < j) of distinct ``hashes`` (uint64) within Hamming distance ``d``.
-
-    Each band's keys are bucketed by a counting sort (a table of 2^width offsets), so a probe is
-    two table lookups per hash: O(n) per flip pattern, where a sorted-array search costs
-    O(n log n) in cache misses."""
-    h = np.ascontiguousarray(hashes, dtype=np.uint64)
-    n = len(h)
-    if n < 2 or d <= 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    m = _choose_bands(n, d)
+def _probing_pairs(h: np.ndarray, d: int, m: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Multi-index hashing: by pigeonhole a match agrees within d // m bits on some band; each
+    band is bucketed by a counting sort, so a probe is two table lookups per hash."""
     bits = 64 // m
-    out_i, out_j = [], []
     for k in range(m):
         width = bits if k < m - 1 else 64 - bits * (m - 1)
         key = ((h >> np.uint64(k * bits)) & np.uint64((1 << width) - 1)).astype(np.int64)
@@ -89,14 +188,160 @@ def near_pairs(hashes: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
                 sel = qi < cj
                 qi, cj = qi[sel], cj[sel]
                 ok = np.bitwise_count(h[qi] ^ h[cj]) <= d
-                out_i.append(qi[ok])
-                out_j.append(cj[ok])
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    pairs = np.unique(np.stack([np.concatenate(out_i), np.concatenate(out_j)], 1), axis=0)
+                yield qi[ok], cj[ok]
+
+
+# --------------------------------------------------------------------------- plan + drivers
+def _min_keys(s: int, d: int) -> int:
+    """Schönheim's lower bound on a covering family's size (complements: (16-s)-sets covering
+    every d-set), to skip computing families that cannot win."""
+    v, k, bound = BLOCKS - d, BLOCKS - s - d, 1
+    for _ in range(d):
+        v, k = v + 1, k + 1
+        bound = math.ceil(v / k * bound)
+    return bound
+
+
+def plan(n: int, d: int) -> tuple[str, int]:
+    """Cheapest exact search for n distinct hashes at distance d by the cost model:
+    ("cover", s) — s-block keys — or ("probe", m) — m bands with 22-bit tables at most."""
+    best = min((_probe_cost(n, d, m), ("probe", m)) for m in range(3, 9))
+    around = int(math.log2(max(n, 2))) // BLOCK_BITS  # keys near log2(n) bits: the only contenders
+    for s in range(max(0, around - 1), min(BLOCKS - d, around + 2) + 1):
+        per_key = _SORT_COST * n + _PAIR_COST * n * n / 2.0 ** (BLOCK_BITS * s + 1)
+        if (math.comb(BLOCKS, s) * math.comb(BLOCKS, d) > 1.5e8  # the covering search itself too big
+                or _min_keys(s, d) * per_key >= best[0]):
+            continue
+        best = min(best, (len(covering(s, d)) * per_key, ("cover", s)))
+    return best[1]
+
+
+def candidate_pairs(h: np.ndarray, d: int, how: tuple[str, int] | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Verified pairs (i < j) of distinct ``h`` within ``d``, in batches; a pair may repeat."""
+    h = np.ascontiguousarray(h, dtype=np.uint64)
+    if len(h) < 2 or d <= 0:
+        return
+    kind, p = how or plan(len(h), d)
+    if kind == "probe":
+        yield from _probing_pairs(h, d, p)
+        return
+    order = None if bool((h[1:] > h[:-1]).all()) else np.argsort(h)
+    for i, j in _covering_pairs(h if order is None else h[order], d, p):
+        yield (i, j) if order is None else _ordered(order[i], order[j])
+
+
+def near_pairs(hashes: np.ndarray, d: int, how: tuple[str, int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """All index pairs (i < j) of distinct ``hashes`` (uint64) within Hamming distance ``d``."""
+    batches = list(candidate_pairs(hashes, d, how))
+    if not batches:
+        return _EMPTY
+    pairs = np.unique(np.stack([np.concatenate([b[0] for b in batches]),
+                                np.concatenate([b[1] for b in batches])], 1), axis=0)
     return pairs[:, 0], pairs[:, 1]
 
 
+class Components:
+    """Connected components of n nodes fed edge batches: edges inside a known component are
+    dropped on arrival and pending edges are merged when they pile up, so memory stays O(n) however
+    often the search repeats a pair."""
+
+    def __init__(self, n: int):
+        self.label = np.arange(n, dtype=np.int64)
+        self._a: list[np.ndarray] = []
+        self._b: list[np.ndarray] = []
+        self._pending = 0
+        self._limit = max(1 << 20, n // 8)
+
+    def add(self, i: np.ndarray, j: np.ndarray) -> None:
+        li, lj = self.label[i], self.label[j]
+        new = li != lj
+        if new.any():
+            self._a.append(li[new])
+            self._b.append(lj[new])
+            self._pending += int(new.sum())
+            if self._pending >= self._limit:
+                self.merge()
+
+    def merge(self) -> np.ndarray:
+        """Fold pending edges in; returns the label array (each component's smallest node)."""
+        if self._pending:
+            a, b = np.concatenate(self._a), np.concatenate(self._b)
+            nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+            m = len(nodes)
+            g = coo_matrix((np.ones(len(a), np.int8), (inv[: len(a)], inv[len(a):])), shape=(m, m))
+            comp = connected_components(g, directed=False)[1]
+            root = np.full(comp.max() + 1, np.iinfo(np.int64).max, np.int64)
+            np.minimum.at(root, comp, nodes)  # the smallest old label of each merged group
+            remap = np.arange(len(self.label), dtype=np.int64)
+            remap[nodes] = root[comp]
+            self.label = remap[self.label]
+            self._a, self._b, self._pending = [], [], 0
+        return self.label
+
+
+def near_components(hashes: np.ndarray, d: int, how: tuple[str, int] | None = None,
+                    distributed: bool = False, partitions: int | None = None) -> np.ndarray:
+    """Component label per distinct hash (pairs within ``d``, transitively)."""
+    comps = Components(len(hashes))
+    pairs = (distributed_pairs(hashes, d, how, partitions) if distributed
+             else candidate_pairs(hashes, d, how))
+    for i, j in pairs:
+        comps.add(i, j)
+    return comps.merge()
+
+
+# --------------------------------------------------------------------------- distributed (Ray Data)
+def _emit_keys(batch: dict, keys: tuple[tuple[int, ...], ...], key_bits: int, parts: int) -> dict:
+    """Every hash once per covering key: (partition, key id, permuted hash)."""
+    h = batch["h"]
+    v = np.concatenate([permute(h, k) for k in keys])
+    t = np.repeat(np.arange(len(keys), dtype=np.uint64), len(h))
+    bucket = (v >> np.uint64(64 - key_bits)) ^ (t * np.uint64(0x9E3779B97F4A7C15))
+    part = ((bucket * np.uint64(0xBF58476D1CE4E5B9)) >> np.uint64(40)) % np.uint64(parts)
+    return {"part": part, "t": t, "v": v}
+
+
+def _partition_pairs(group: dict, key_sets: tuple[tuple[int, ...], ...], key_bits: int, d: int) -> dict:
+    """One partition's buckets paired locally; pairs go back as original hash values."""
+    xs, ys = [_EMPTY_U[0]], [_EMPTY_U[1]]
+    for t in np.unique(group["t"]).tolist():
+        x, y = sorted_pairs(group["v"][group["t"] == t], key_bits, d)
+        xs.append(permute(x, key_sets[t], True))
+        ys.append(permute(y, key_sets[t], True))
+    return {"x": np.concatenate(xs), "y": np.concatenate(ys)}
+
+
+def distributed_pairs(hashes: np.ndarray, d: int, how: tuple[str, int] | None = None,
+                      partitions: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The covering search as a Ray Data shuffle, for inputs whose per-key sorts do not fit one
+    node: each block emits every hash once per key, (key id, key value) buckets are hash-partitioned
+    through ``groupby`` and each partition pairs its buckets locally. Only verified pairs come back
+    to the driver, as indices into ``hashes`` (sorted, distinct, as ``cluster`` passes them)."""
+    import pyarrow as pa
+    import ray
+
+    h = np.ascontiguousarray(hashes, dtype=np.uint64)
+    if len(h) < 2 or d <= 0:
+        return
+    kind, s = how or plan(len(h), d)
+    if kind != "cover":  # a plan for a small input: keys about log2(n) bits wide
+        s = min(BLOCKS - d, math.ceil(math.log2(len(h)) / BLOCK_BITS))
+    keys = covering(s, d)
+    parts = partitions or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
+    out = (ray.data.from_arrow(pa.table({"h": pa.array(h, pa.uint64())}))
+           .map_batches(_emit_keys, batch_format="numpy",
+                        fn_kwargs={"keys": keys, "key_bits": BLOCK_BITS * s, "parts": parts})
+           .groupby("part")
+           .map_groups(_partition_pairs, batch_format="numpy",
+                       fn_kwargs={"key_sets": keys, "key_bits": BLOCK_BITS * s, "d": d}))
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        if len(batch["x"]):
+            yield _ordered(np.searchsorted(h, batch["x"]), np.searchsorted(h, batch["y"]))
+
+
+# --------------------------------------------------------------------------- public API
 def _group_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Star edges joining every row to the first row with the same key."""
     _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
@@ -104,20 +349,22 @@ def _group_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, first[inv]
 
 
-def cluster(phash: np.ndarray, content_hash: np.ndarray, max_hamming: int) -> np.ndarray:
+def cluster(phash: np.ndarray, content_hash: np.ndarray, max_hamming: int,
+            distributed: bool = False, how: tuple[str, int] | None = None) -> np.ndarray:
     """Component label per row: rows with equal content hash, or pHashes within ``max_hamming``
-    (transitively), share a label. ``phash`` uint64, ``content_hash`` any sortable array."""
+    (transitively), share a label. ``phash`` uint64, ``content_hash`` any sortable array.
+    ``distributed`` runs the near-duplicate key join through Ray Data (needs ``ray.init``);
+    ``how`` forces a search (see ``plan``), for benchmarks."""
     n = len(phash)
     if n == 0:
         return np.zeros(0, np.int64)
     a1, b1 = _group_edges(content_hash)
-    uniq, first, inv = np.unique(phash, return_index=True, return_inverse=True)
-    a2, b2 = np.arange(n), first[inv]
-    ui, uj = near_pairs(uniq, max_hamming)
-    a3, b3 = first[ui], first[uj]
-    a = np.concatenate([a1, a2, a3])
-    b = np.concatenate([b1, b2, b3])
-    g = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    uniq, first, inv = np.unique(np.asarray(phash, np.uint64), return_index=True, return_inverse=True)
+    near = near_components(uniq, max_hamming, how, distributed=distributed)
+    # Row -> its pHash's first row (identical pHashes), and that to its near component's first row.
+    a2, b2 = np.arange(n), first[near[inv]]
+    g = coo_matrix((np.ones(2 * n, np.int8), (np.concatenate([a1, a2]), np.concatenate([b1, b2]))),
+                   shape=(n, n))
     return connected_components(g, directed=False)[1]
 
 

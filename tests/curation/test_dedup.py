@@ -1,7 +1,10 @@
-"""Global near-duplicate search: exact against brute force, and real re-encoded/resized/brightened
-copies found while distinct photos stay apart."""
+"""Global near-duplicate search: every search (block covering, multi-index probing, the Ray Data
+shuffle) exact against brute force; real re-encoded/resized/brightened copies found while distinct
+photos stay apart."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -19,8 +22,7 @@ def _brute(h: np.ndarray, d: int) -> set[tuple[int, int]]:
     return set(zip(i.tolist(), j.tolist(), strict=True))
 
 
-@pytest.mark.parametrize("d", [1, 3, 6, 10])
-def test_near_pairs_equal_brute_force(d):
+def _planted(d: int) -> np.ndarray:
     rng = np.random.default_rng(d)
     base = rng.integers(0, 2**63, 300, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
     # Plant neighbours at distances around d.
@@ -28,9 +30,48 @@ def test_near_pairs_equal_brute_force(d):
     for k in range(150):
         bits = rng.choice(64, size=int(rng.integers(1, d + 3)), replace=False)
         flips.append(base[k] ^ np.uint64(sum(1 << int(b) for b in bits)))
-    h = np.unique(np.concatenate([base, np.array(flips, np.uint64)]))
-    i, j = dedup.near_pairs(h, d)
+    return np.unique(np.concatenate([base, np.array(flips, np.uint64)]))
+
+
+@pytest.mark.parametrize("d", [1, 3, 6, 10])
+@pytest.mark.parametrize("how", [None, ("probe", 4), ("cover", 3), ("cover", 5)])
+def test_near_pairs_equal_brute_force(d, how):
+    h = _planted(d)
+    i, j = dedup.near_pairs(h, d, how)
     assert set(zip(i.tolist(), j.tolist(), strict=True)) == _brute(h, d)
+
+
+def test_unsorted_input_gives_indices_into_it():
+    h = _planted(6)
+    perm = np.random.default_rng(1).permutation(len(h))
+    i, j = dedup.near_pairs(h[perm], 6, ("cover", 4))
+    back = {tuple(sorted((int(perm[a]), int(perm[b])))) for a, b in zip(i.tolist(), j.tolist(), strict=True)}
+    assert back == _brute(h, 6)
+
+
+@pytest.mark.parametrize("s,d", [(4, 6), (5, 6), (6, 4), (3, 10)])
+def test_covering_keys_survive_every_dirty_block_set(s, d):
+    """The pigeonhole the search rests on: every set of d dirty blocks misses some key entirely."""
+    keys = [set(k) for k in dedup.covering(s, d)]
+    assert all(len(k) == s for k in keys)
+    for dirty in itertools.combinations(range(dedup.BLOCKS), d):
+        assert any(not k.intersection(dirty) for k in keys), dirty
+
+
+def test_permute_is_a_bit_permutation():
+    h = np.random.default_rng(0).integers(0, 2**64 - 1, 1000, dtype=np.uint64, endpoint=True)
+    key = dedup.covering(5, 6)[7]
+    v = dedup.permute(h, key)
+    assert (dedup.permute(v, key, inverse=True) == h).all()
+    assert (np.bitwise_count(v) == np.bitwise_count(h)).all()
+    assert (np.bitwise_count(v[1:] ^ v[:-1]) == np.bitwise_count(h[1:] ^ h[:-1])).all()
+
+
+def test_plan_widens_keys_with_n():
+    """Keys grow about log2(n) bits wide, so random key collisions (n^2 / 2^bits) stay ~ n."""
+    widths = [dedup.plan(n, 6) for n in (10**5, 10**6, 10**8)]
+    assert [w[0] for w in widths[1:]] == ["cover", "cover"]
+    assert widths[2][1] > widths[1][1]
 
 
 def _phash_of(data: bytes) -> int:
@@ -82,3 +123,24 @@ def test_flood_of_identical_hashes_is_cheap():
     h = np.zeros(200_000, np.uint64)
     comp = dedup.cluster(h, np.arange(len(h)).astype(str), 6)
     assert len(set(comp.tolist())) == 1
+
+
+def test_components_merge_repeated_and_chained_pairs():
+    c = dedup.Components(6)
+    c.add(np.array([0, 0, 3]), np.array([1, 1, 4]))
+    c.add(np.array([1]), np.array([2]))
+    lab = c.merge()
+    assert lab[0] == lab[1] == lab[2] != lab[3] == lab[4] != lab[5]
+
+
+def test_distributed_join_equals_local(ray_local):
+    """The Ray Data shuffle (keys hash-partitioned through groupby) finds the same pairs."""
+    h = _planted(6)
+    got = dedup.near_components(h, 6, ("cover", 4), distributed=True, partitions=3)
+    want = dedup.near_components(h, 6, ("cover", 4))
+    _, got_c = np.unique(got, return_inverse=True)
+    _, want_c = np.unique(want, return_inverse=True)
+    # Same partition of the hashes into components (labels may differ by name).
+    pairs = {(a, b) for a, b in zip(got_c.tolist(), want_c.tolist(), strict=True)}
+    assert len(pairs) == len(set(got_c.tolist())) == len(set(want_c.tolist()))
+    assert len(set(want_c.tolist())) < len(h)
