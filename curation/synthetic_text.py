@@ -307,13 +307,14 @@ def plain(rng, w: int, h: int):
 
 def gradient(rng, w: int, h: int):
     light = bool(rng.random() < 0.6)
-    a, b = np.array(_color(rng, light), float), np.array(_color(rng, light), float)
+    a, b = np.array(_color(rng, light), np.float32), np.array(_color(rng, light), np.float32)
     theta = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:h, 0:w]
-    t = (xx * np.cos(theta) + yy * np.sin(theta)).astype(np.float32)
+    # A linear ramp is smooth: compute it on a 1/8 grid and let a bilinear resize fill in.
+    gw, gh = max(2, w // 8), max(2, h // 8)
+    t = np.add.outer(np.arange(gh, dtype=np.float32) * np.sin(theta), np.arange(gw, dtype=np.float32) * np.cos(theta))
     t = (t - t.min()) / max(1e-6, float(t.max() - t.min()))
-    px = a + (b - a) * t[..., None]
-    return Image.fromarray(px.round().astype(np.uint8)), light
+    small = Image.fromarray((a + (b - a) * t[..., None]).round().astype(np.uint8))
+    return small.resize((w, h), Image.Resampling.BILINEAR), light
 
 
 def photo_crop(rng, im: Image.Image, w: int, h: int) -> Image.Image:
@@ -618,7 +619,7 @@ def text_validator():
 def encode(im: Image.Image, fmt: str, quality: int) -> bytes:
     buf = io.BytesIO()
     if fmt == "png":
-        im.save(buf, format="PNG", compress_level=3)  # ~2x faster than 6, ~10% larger
+        im.save(buf, format="PNG", compress_level=1)  # several times faster than 6 on photo backgrounds
     else:
         im.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
