@@ -43,7 +43,7 @@ _EMPTY_U = (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
 
 
 # --------------------------------------------------------------------------- block covering
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def covering(s: int, d: int) -> tuple[tuple[int, ...], ...]:
     """Greedy family of ``s``-block keys such that every set of ``d`` blocks misses one of them
     entirely (so two hashes differing in at most ``d`` blocks agree on that key)."""
@@ -80,7 +80,7 @@ def _runs(blocks) -> list[tuple[int, int]]:
     return [(a, n) for a, n in runs]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layout(key: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
     """(source bit, width, destination bit) moves putting the key's blocks at the top of the word
     and the other blocks below them: a bit permutation, so Hamming distances are unchanged."""
