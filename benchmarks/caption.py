@@ -95,7 +95,7 @@ def main() -> None:
             return load_config(input=str(tmp / "curated.lance"), output=out, model=args.model, server=url,
                                prompt_root=args.prompt_root, prompt_version=args.prompt_version,
                                max_tokens=args.max_tokens, route_max_tokens=96, concurrency=args.concurrency,
-                               progress=False)
+                               progress=False, ocr_engine="none")  # OCR is CPU work the bare loop does not do
 
         prompts = PromptSet.load(args.prompt_root, args.prompt_version)
         # Warm the server (the first requests compile grammars) and fix the routed caption types that
@@ -103,7 +103,8 @@ def main() -> None:
         warm = str(tmp / "warmup.lance")
         run(cfg_for(warm))
         routes = {x["id"]: x["route_json"] for x in lance.dataset(warm).to_table().to_pylist()}
-        work = [(i, img, caption_types(json.loads(routes[i])) if routes[i] else [])
+        # Requests as the job sends them: each routed caption type in its prompt parts (one per language in v2).
+        work = [(i, img, [p for k in caption_types(json.loads(routes[i])) for p in prompts.parts[k]] if routes[i] else [])
                 for i, img in zip(ids, images, strict=True)]
         pipe, base = [], []
         for r in range(args.rounds):

@@ -8,6 +8,7 @@ Random weights emit junk until `max_tokens`; only a JSON schema with tight bound
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import shutil
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -230,6 +231,29 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# One tiny VLM and one vLLM server per test process, shared by tests/captioning and tests/e2e (a
+# session fixture in each conftest would start two servers when both run in one pytest session).
+_SHARED: dict[str, Any] = {}
+
+
+def shared_tiny_vlm(root: str | Path) -> Path:
+    """The tiny Qwen2-VL of this process, built once under `root`."""
+    if "model" not in _SHARED:
+        _SHARED["model"] = build_tiny_qwen2vl(Path(root) / "tiny_qwen2_vl")
+    return _SHARED["model"]
+
+
+def shared_vllm_server(root: str | Path, served_name: str = "tiny-qwen2-vl") -> VLLMServer:
+    """The vLLM server of this process (started once, serving `shared_tiny_vlm`); stopped at exit."""
+    if "server" not in _SHARED:
+        model = shared_tiny_vlm(root)
+        server = VLLMServer(model, served_name=served_name, log_path=Path(root) / "vllm_server.log")
+        server.start(timeout_s=600.0)  # 20-60 s when the machine is quiet; minutes when it is loaded
+        atexit.register(server.stop)
+        _SHARED["server"] = server
+    return _SHARED["server"]
 
 
 def vllm_available() -> str | None:

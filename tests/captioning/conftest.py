@@ -19,6 +19,8 @@ from captioning.testing import (  # noqa: F401 (re-exported for the test modules
     build_tiny_qwen2vl,
     free_port,
     jpeg,
+    shared_tiny_vlm,
+    shared_vllm_server,
     synthetic_image,
     vllm_available,
     write_curated,
@@ -140,16 +142,14 @@ def scripted():
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory) -> Path:
-    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2_vl"))
+    return shared_tiny_vlm(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_vlm, tmp_path_factory):
-    """One real vLLM OpenAI-compatible server (CPU, float32, eager) for the whole session."""
+    """One real vLLM OpenAI-compatible server (CPU, float32, eager) for the whole session (shared with
+    tests/e2e; stopped when the process exits)."""
     reason = vllm_available()
     if reason:
         pytest.skip(reason)
-    server = VLLMServer(tiny_vlm, served_name=SERVED, log_path=tmp_path_factory.mktemp("vllm") / "server.log")
-    server.start()
-    yield server
-    server.stop()
+    return shared_vllm_server(tmp_path_factory.getbasetemp(), SERVED)
