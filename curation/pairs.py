@@ -35,9 +35,9 @@ SSIM_SIZE = 256  # both images are compared at this size (targets are often re-s
 # Calibrated on the real-photo pairs of PAIRS.md (model-free scores) and InstructPix2Pix's
 # published CLIP filters (Brooks et al. 2023, §3.1.2: image-image >= 0.75, directional >= 0.2).
 DEFAULTS = {
-    "noop_max_phash": 6,          # no-op: pHash distance <= 6 AND ssim >= 0.97 AND changed <= 0.01
-    "noop_min_ssim": 0.97,
-    "noop_max_changed": 0.01,
+    "noop_max_phash": 6,          # no-op: pHash distance <= 6 AND ssim >= 0.93 AND changed <= 0.015
+    "noop_min_ssim": 0.93,
+    "noop_max_changed": 0.015,
     "unrelated_max_ssim": 0.42,   # unrelated: ssim < 0.42 AND pHash distance >= 18
     "unrelated_min_phash": 18,    # AND (no CLIP, or clip_cosine < 0.75)
     "unrelated_min_clip": 0.75,
@@ -51,16 +51,23 @@ def phash_distance(source: Image.Image, target: Image.Image) -> int:
     return int(bin(phash64(source.convert("L")) ^ phash64(target.convert("L"))).count("1"))
 
 
+def _common_size(a: Image.Image, b: Image.Image, size: int) -> int:
+    """Compare at ``size``, or at the smaller image's short side if that is less: upsampling a
+    resized target would add blur the edit did not make."""
+    return max(32, min(size, *a.size, *b.size))
+
+
 def _grey(im: Image.Image, size: int) -> np.ndarray:
     return np.asarray(im.convert("L").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0),
                       dtype=np.float64)
 
 
 def ssim(source: Image.Image, target: Image.Image, size: int = SSIM_SIZE) -> float:
-    """Mean structural similarity (Wang et al. 2004, 7x7 Gaussian-free window as scikit-image's
-    default) of the grey images, both resized to ``size`` x ``size``: 1 identical, ~0 unrelated."""
+    """Mean structural similarity (Wang et al. 2004; scikit-image's 7x7 window) of the grey images,
+    both resized to ``size`` x ``size`` (or the smaller short side): 1 identical, ~0 unrelated."""
     from skimage.metrics import structural_similarity
 
+    size = _common_size(source, target, size)
     return float(structural_similarity(_grey(source, size), _grey(target, size), data_range=255.0))
 
 
@@ -166,11 +173,12 @@ def is_unrelated(phash_dist: float, ssim_value: float, clip_cos: float | None = 
 
 
 def changed_fraction(source: Image.Image, target: Image.Image, size: int = SSIM_SIZE, block: int = 16,
-                     tol: float = 12.0) -> float:
+                     tol: float = 16.0) -> float:
     """Share of ``block`` x ``block`` cells (both images at ``size`` x ``size``, RGB) whose mean
     absolute difference exceeds ``tol`` levels in any channel: 0 for re-encodes and resizes, the
     edited area's share for a local edit, most cells for a global one. It sees colour-only edits
     (greyscale, hue turns) that pHash and grey SSIM are blind to."""
+    size = _common_size(source, target, size)
     a, b = (np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0),
                        dtype=np.float32) for im in (source, target))
     k = size // block
