@@ -263,12 +263,13 @@ def calibrate(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
                                                             im.height * 768 // max(im.size))))
               for n, im in real_photos() if np.asarray(im).std(axis=2).mean() > 2]
     out: dict[str, dict[str, list]] = {}
-    for kind, _, src, tgt in calibration_pairs(photos, seed):
-        d = out.setdefault(kind, {"phash": [], "ssim": [], "changed": []})
+    for kind, edit, src, tgt in calibration_pairs(photos, seed):
+        d = out.setdefault(kind, {"phash": [], "ssim": [], "changed": [], "edit": []})
+        d["edit"].append(edit)
         d["phash"].append(phash_distance(src, tgt))
         d["ssim"].append(ssim(src, tgt))
         d["changed"].append(changed_fraction(src, tgt))
-    return {k: {s: np.array(v, float) for s, v in d.items()} for k, d in out.items()}
+    return {k: {s: np.array(v, object if s == "edit" else float) for s, v in d.items()} for k, d in out.items()}
 
 
 def calibration_table(res: dict[str, dict[str, np.ndarray]]) -> str:
@@ -276,11 +277,16 @@ def calibration_table(res: dict[str, dict[str, np.ndarray]]) -> str:
     lines = ["| pairs | n | pHash distance min / median / max | SSIM min / median / max | "
              "changed fraction min / median / max | flagged no-op | flagged unrelated |", "|---|---|---|---|---|---|---|"]
     for kind, d in res.items():
-        noop = sum(is_noop(p, s, c) for p, s, c in zip(d["phash"], d["ssim"], d["changed"], strict=True))
-        unrel = sum(is_unrelated(p, s) for p, s in zip(d["phash"], d["ssim"], strict=True))
+        noop = [is_noop(p, s, c) for p, s, c in zip(d["phash"], d["ssim"], d["changed"], strict=True)]
+        unrel = [is_unrelated(p, s) for p, s in zip(d["phash"], d["ssim"], strict=True)]
+
+        def which(flags, kind=kind, d=d):
+            names = sorted({e for e, f in zip(d["edit"], flags, strict=True) if f})
+            return f"{sum(flags)}" + (f" ({', '.join(names)})" if names and kind in ("local", "global") else "")
+
         lines.append(f"| {kind} | {len(d['ssim'])} | " + " | ".join(
             f"{v.min():.3g} / {np.median(v):.3g} / {v.max():.3g}" for v in (d["phash"], d["ssim"], d["changed"]))
-            + f" | {noop} | {unrel} |")
+            + f" | {which(noop)} | {which(unrel)} |")
     return "\n".join(lines)
 
 
