@@ -134,7 +134,10 @@ class LLMConfig:
     backoff_s: float = 0.5
     """First retry delay, doubling."""
     request_timeout_s: float = 120.0
-    """Per-request timeout."""
+    """Per-request read timeout."""
+    server_patience_s: float = 60.0
+    """How long an outage during the run is waited out before the remaining LLM steps are left
+    pending for the next run."""
     concurrency: int = 8
     """Requests in flight."""
 
@@ -176,7 +179,8 @@ class FlywheelConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     review: ReviewConfig = field(default_factory=ReviewConfig)
     report: str | None = None
-    """HTML report path of the nightly run; null = <workdir>/report.html."""
+    """HTML report path of the nightly run; null = <workdir>/report.html (./flywheel_report.html when
+    workdir is an object-store URI)."""
 
     def attribution_hash(self) -> str:
         """What a routing decision depends on (a changed threshold re-routes on the next run)."""
@@ -185,7 +189,9 @@ class FlywheelConfig:
 
     @property
     def report_path(self) -> str:
-        return self.report or os.path.join(self.workdir, "report.html")
+        if self.report:
+            return self.report
+        return "flywheel_report.html" if "://" in self.workdir else os.path.join(self.workdir, "report.html")
 
     def review_token(self) -> str | None:
         return os.environ.get(TOKEN_ENV) or self.review.token

@@ -73,21 +73,22 @@ def categories(cap: dict, category: str | None) -> list[str]:
 
 # --------------------------------------------------------------------------- embedding
 class TextEmbedder:
-    """CLIP text tower (curation.scorers.ClipScorer): model loaded once per Ray actor."""
+    """CLIP text tower (curation.scorers.ClipScorer), loaded on first use (once per Ray actor; a
+    night with nothing to embed never loads it)."""
 
     def __init__(self, clip):
-        from curation.scorers import ClipScorer
-
-        self.scorer = ClipScorer(clip)
-        self.scorer.setup()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch["text"].to_pylist()
-        v = self.scorer.embed_texts([t or "" for t in texts]).astype(np.float32)
-        return batch.append_column("text_vector", pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1]))
+        self.clip, self.scorer = clip, None
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        return self.scorer.embed_texts(texts).astype(np.float32)
+        if self.scorer is None:
+            from curation.scorers import ClipScorer
+
+            self.scorer = ClipScorer(self.clip)
+            self.scorer.setup()
+        return self.scorer.embed_texts([t or "" for t in texts]).astype(np.float32)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch.append_column("text_vector", _fixed(self.embed(batch["text"].to_pylist())))
 
 
 def embed_on_ray(rows: pa.Table, cfg: IndexConfig, progress: bool = False) -> pa.Table:

@@ -111,6 +111,7 @@ ROUTES = _schema({
     "rule_flags": (pa.list_(pa.string()), "prompt rules that fired (too_short, vague_word:..., ...)"),
     "judge_answer": (pa.string(), "the LLM judge's validated JSON answer"),
     "judge_error": (pa.string(), "why the judge step is pending (server down, invalid answers)"),
+    "actions": (pa.string(), "pre-training track: done | pending (prompt variants wait for the LLM server)"),
     "config_hash": (pa.string(), "hash of the attribution config that made the decision"),
     "index_version": (pa.int64(), "pool_index version searched"),
     "routed_at": (TS, "when the decision was made"),

@@ -1,44 +1,16 @@
-"""Flywheel fixtures: a curated pool made by the real stage-1 job (one plentiful concept, one scarce),
-its captions table written with captioning's schema module, the tiny random CLIP of the stage, and a
-flywheel config pointing at them."""
+"""Flywheel fixtures: a curated pool (one plentiful concept, one scarce) written with curation's and
+captioning's schema modules, the stage's tiny random CLIP, and the pool index built once."""
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import lance
 import pyarrow as pa
 import pytest
-import yaml
+from fwtest import ROOT, caption_json, concept_captions, curated_schema, flywheel_config
 
-ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "jobs"))
-sys.path.insert(0, str(ROOT / "tests" / "captioning"))
-
-PLENTIFUL, SCARCE = 24, 2  # kept bus / zebra images
-PLENTIFUL_WORDS = ["red", "double", "decker", "city", "street", "night", "rain", "parked", "crowded", "old"]
-
-
-def concept_captions() -> list[tuple[str, str, str]]:
-    """(file stem, caption, concept) for the pool: many buses, two zebras."""
-    out = []
-    for i in range(PLENTIFUL):
-        w = PLENTIFUL_WORDS[i % len(PLENTIFUL_WORDS)], PLENTIFUL_WORDS[(i * 3 + 1) % len(PLENTIFUL_WORDS)]
-        out.append((f"bus_{i:02d}", f"a {w[0]} bus on a {w[1]} road, photo {i}", "bus"))
-    for i in range(SCARCE):
-        out.append((f"zebra_{i}", f"a zebra grazing in the savanna, photo {i}", "zebra"))
-    return out
-
-
-def caption_json(caption: str, concept: str) -> dict[str, str]:
-    """caption_* columns as captioning writes them (validated JSON text)."""
-    general = {"en": {"short": caption, "medium": caption + " in daylight, seen from the side of the road.",
-                      "dense": caption * 3}, "zh": {"short": "照片", "medium": "一张照片" * 5, "dense": "一张照片" * 15}}
-    knowledge = {"entities": [{"name": concept, "type": "species" if concept == "zebra" else "object",
-                               "confidence": "high"}], "en": concept, "zh": concept}
-    return {"caption_general": json.dumps(general), "caption_knowledge": json.dumps(knowledge)}
 
 
 @pytest.fixture(scope="session")
@@ -49,15 +21,6 @@ def tiny_models(tmp_path_factory):
     stage_cfg = write_sample_config(d / "stage1.yaml", d)
     name, cfg_json, weights = make_tiny_clip(d / "clip")
     return {"stage_config": stage_cfg, "clip": {"model": name, "model_config": cfg_json, "weights": weights}}
-
-
-def curated_schema(dim: int) -> pa.Schema:
-    """The curated table's schema from curation's schema module (with clip_embedding of width dim)."""
-    from curation import schema as cs
-
-    if hasattr(cs, "scoring_schema"):
-        return pa.schema(list(cs.scoring_schema(dim)) + list(cs.DECISION_SCHEMA)[1:])
-    return cs.SCHEMA
 
 
 # (stem, keep, reject_reason, dup_of stem) beyond the kept concept images
@@ -121,27 +84,3 @@ def built(tmp_path_factory, pool, tiny_models, ray_local):
     return {"workdir": cfg.workdir, "summary": summary}
 
 
-def fresh_workdir(built, tmp_path) -> str:
-    """A private copy of the built flywheel database for one test."""
-    import shutil
-
-    dst = tmp_path / "flywheel.lancedb"
-    shutil.copytree(built["workdir"], dst)
-    return str(dst)
-
-
-def flywheel_config(tmp_path, pool, tiny_models, **sections) -> Path:
-    """A flywheel YAML for the test pool; `sections` override/add top-level keys."""
-    cfg = {
-        "workdir": str(tmp_path / "flywheel.lancedb"),
-        "pools": {"main": {"curated": pool["curated"], "captions": pool["captions"]}},
-        "index": {"clip": {**tiny_models["clip"], "batch_size": 16}, "batch_size": 64},
-        # random tiny CLIP: its cosines carry no meaning, so only full-text matches count as hits
-        "attribution": {"min_similarity": 1.01, "similar_case_similarity": 1.01, "search_k": 40},
-        "review": {"token": "test-token"},
-    }
-    for k, v in sections.items():
-        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
-    path = tmp_path / "flywheel.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path

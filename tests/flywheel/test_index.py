@@ -7,7 +7,7 @@ from __future__ import annotations
 import lance
 import numpy as np
 import pyarrow as pa
-from conftest import flywheel_config, fresh_workdir
+from fwtest import flywheel_config, fresh_workdir
 
 from flywheel.config import load_config
 from flywheel.index import TABLE, PoolIndex, TextEmbedder, build_index
