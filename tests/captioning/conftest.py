@@ -4,7 +4,11 @@ and (session-wide) a tiny random Qwen2-VL served by a REAL vLLM OpenAI server on
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
+import socket
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +51,18 @@ TINY_ANSWERS = {
 # language-neutral fields and "en", the Chinese part "zh" only.
 TINY_ANSWERS |= {f"{k}.{lang}": {n: v for n, v in TINY_ANSWERS[k].items() if n == lang or (lang == "en" and n != "zh")}
                  for k in ("general", "text", "knowledge", "structured") for lang in ("en", "zh")}
+
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "jobs"))  # jobs/_bootstrap.py, as when the job runs as a script
+_spec = importlib.util.spec_from_file_location("caption_job", ROOT / "jobs" / "caption.py")
+caption_job = importlib.util.module_from_spec(_spec)  # jobs/caption.py, for in-process CLI runs
+_spec.loader.exec_module(caption_job)
+
+
+def valid(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """A scripted reply: the valid tiny answer for the request's kind."""
+    return 200, completion(json.dumps(TINY_ANSWERS[kind_of(body)], ensure_ascii=False))
 
 
 def completion(content: str, finish: str = "stop") -> dict[str, Any]:
@@ -123,6 +139,71 @@ class ScriptedServer:
         if self.thread.is_alive():
             self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class TcpProxy:
+    """A TCP relay in front of a real server, for outages without restarting it (vLLM takes a minute
+    to start): `stop()` closes the port and resets every open connection (requests in flight die as
+    when the server goes away), `start()` listens on the same port again."""
+
+    def __init__(self, target_port: int, port: int = 0):
+        self.target_port, self.port = target_port, port
+        self.accepted = 0
+        self._socks: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> TcpProxy:
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(256)
+        self.port, self._listener = ls.getsockname()[1], ls
+        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+        return self
+
+    def _accept(self, ls: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return  # listener closed by stop()
+            self.accepted += 1
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._socks |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            socks, self._socks = self._socks, set()
+        for s in socks:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+                s.close()
+            except OSError:
+                pass
 
 
 def kind_of(body: dict[str, Any]) -> str:

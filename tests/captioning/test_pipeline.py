@@ -1,38 +1,29 @@
 """The job's Lance contract (one row per kept id, failures recorded, resume) and its CLI errors, with a
 scripted local HTTP server standing in for vLLM (the real server is in test_vllm_integration.py)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import lance
 import pytest
 from conftest import (
+    ROOT,
     SERVED,
     TINY_ANSWERS,
     TINY_PROMPTS,
+    caption_job,
     completion,
     image_of,
     jpeg,
     kind_of,
     synthetic_image,
+    valid,
     write_curated,
 )
 
 from captioning.config import load_config
 from captioning.pipeline import run
 from captioning.schema import SCHEMA
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "jobs"))  # jobs/_bootstrap.py, as when the job runs as a script
-spec = importlib.util.spec_from_file_location("caption_job", ROOT / "jobs" / "caption.py")
-caption_job = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(caption_job)
-
-
-def valid(body):
-    return 200, completion(json.dumps(TINY_ANSWERS[kind_of(body)], ensure_ascii=False))
 
 
 def cfg_for(tmp_path, url, **kw):
@@ -116,7 +107,8 @@ def test_report_has_statistics_and_embedded_plots(tmp_path, scripted):
     assert stats["length_summary"]["general"]["en"]["median"] == len("cat\nred\nbox")
     assert stats["text_quoted_share"] == 0.0  # "sale" is not quoted in the tiny answer
     page = Path(summary.report).read_text()
-    assert page.count("data:image/png;base64,") == 2 and "routing: general=3" in page
+    assert page.count("data:image/png;base64,") == 3 and "routing: general=3" in page
+    assert "OCR agreement of text captions" in page and "OCR check of 3 text captions" in page
 
 
 def run_cli(*argv, capsys):
