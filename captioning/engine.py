@@ -79,9 +79,9 @@ def engine_request(prompts: PromptSet, cfg: CaptionConfig, row: dict[str, Any]) 
     return {
         "id": row["id"],
         "kind": kind,
-        "messages": prompts.messages(kind, row["image"], row["mime"]),
+        "messages": prompts.messages(kind, row["image"], row.get("mime") or "image/jpeg"),
         "sampling_params": {
-            "max_tokens": int(row["max_tokens"]),
+            "max_tokens": int(row.get("max_tokens") or (cfg.route_max_tokens if kind == ROUTE else cfg.max_tokens)),
             "temperature": cfg.temperature,
             "seed": int(row["seed"]),
             "structured_outputs": {"json": prompts.schemas[kind]},
@@ -100,9 +100,12 @@ def engine_answer(row: dict[str, Any]) -> dict[str, Any]:
             "error": row.get("__inference_error__", row.get("error")) or ""}
 
 
-def judge(prompts: PromptSet, cfg: CaptionConfig, answer: dict[str, Any], attempts: int, limit: int) -> Outcome:
-    """The same checks as the HTTP client: engine error, cut at max_tokens, JSON + schema."""
+def judge(prompts: PromptSet, cfg: CaptionConfig, answer: dict[str, Any], attempts: int,
+          limit: int | None = None) -> Outcome:
+    """The same checks as the HTTP client: engine error, cut at max_tokens (`limit`, the bound the
+    request was sent with), JSON + schema."""
     kind = answer["kind"]
+    limit = limit or (cfg.route_max_tokens if kind == ROUTE else cfg.max_tokens)
     if answer["error"]:
         return Outcome(kind, attempts, error_kind="engine", error=str(answer["error"])[:300])
     if answer["num_tokens"] >= limit:
@@ -119,7 +122,7 @@ class ReadImages:
     """Ray Data UDF: the image of (id, row address) rows, read from the pinned curated version and
     prepared as in server mode (downscaled to max_pixels, real MIME type)."""
 
-    def __init__(self, uri: str, version: int, max_pixels: int):
+    def __init__(self, uri: str, version: int, max_pixels: int = 1003520):
         self.ds = lance.dataset(uri, version=version)
         self.max_pixels = max_pixels
 

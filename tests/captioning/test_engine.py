@@ -43,8 +43,8 @@ def test_engine_requests_carry_the_same_messages_and_schema_as_server_requests(c
     prompts = PromptSet.load(cfg.prompt_root, cfg.prompt_version)
     image = jpeg(synthetic_image(3, (64, 64)))
     seed = request_seed(cfg, "id7", 1)
-    req = engine_request(prompts, cfg, {"id": "id7", "kind": "general", "image": image, "seed": seed})
-    body = chat_body(prompts, cfg, "general", image, seed)
+    req = engine_request(prompts, cfg, {"id": "id7", "kind": "general.zh", "image": image, "seed": seed})
+    body = chat_body(prompts, cfg, "general.zh", image, seed)
     assert req["messages"] == body["messages"]
     assert req["sampling_params"]["structured_outputs"] == {"json": body["response_format"]["json_schema"]["schema"]}
     assert req["sampling_params"]["max_tokens"] == body["max_tokens"] == 100
@@ -74,7 +74,8 @@ def test_images_are_read_by_row_address_from_the_pinned_version(tmp_path):
     addrs = src.to_table(columns=["id"], filter="keep = true", with_row_address=True).column("_rowaddr").to_pylist()
     lance.dataset(tmp_path / "c.lance").delete("id = 'id000'")  # a newer version without one of the rows
     out = ReadImages(str(tmp_path / "c.lance"), src.version)({"id": ["id000", "id002", "id003"], "addr": addrs})
-    assert out["image"] == [images[0], images[2], images[3]]
+    assert out["image"] == [images[0], images[2], images[3]]  # within max_pixels: sent as stored
+    assert out["mime"] == ["image/jpeg"] * 3
     assert SERVED  # the tiny model name is shared with the integration tests
 
 
