@@ -204,7 +204,8 @@ def validate_settings(s: EncodeSettings) -> None:
     """One-line errors naming the flag, before any work."""
     _require_table("--curated", s.curated, {"id", "caption", "keep", "image"}, " (see curation/schema.py)")
     if s.captions:
-        _require_table("--captions", s.captions, set(CAPTIONS_SCHEMA.names), " (a captions table from jobs/caption.py, captioning/schema.py)")
+        _require_table("--captions", s.captions, set(CAPTIONS_SCHEMA.names), " (a captions table from jobs/caption.py, captioning/schema.py; an older one gets the new columns "
+                       "when jobs/caption.py runs on it again)")
     if s.edit_pairs:
         _require_table("--edit-pairs", s.edit_pairs, {"id", "source_id", "instruction"})
     if s.resolution % 16 or s.resolution < 32:
