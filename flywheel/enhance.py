@@ -127,3 +127,10 @@ def enhance_texts(texts: dict[str, str], server: str, model: str, *, plain: bool
                 else Rewrite(None, model, f"{o.error_kind}: {o.error}", o.attempts) for k, o in zip(keys, outs, strict=True)}
 
     return asyncio.run(go())
+
+
+def rewrite_cases(cases: list[dict], server: str, model: str) -> list[str | None]:
+    """`flywheel.tracks.Rewriter` for the prompt track: [{case_id, prompt}] -> one rewrite (or None)
+    per case, in order: ``tracks.enhance_prompts(db, server, model, rewrite_cases)``."""
+    out = enhance_texts({c["case_id"]: c["prompt"] for c in cases}, server, model)
+    return [out[c["case_id"]].rewrite for c in cases]

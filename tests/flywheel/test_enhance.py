@@ -87,3 +87,23 @@ def test_flywheel_call_for_routed_cases():
     assert plain["c"].rewrite == "A detailed picture of a dog"
     with pytest.raises(ServerUnreachable):
         enhance_texts(cases, "http://127.0.0.1:9/v1", SERVED, client={"max_attempts": 1})
+
+
+def test_prompt_track_call_point_records_rewrites(tmp_path):
+    """flywheel.tracks.enhance_prompts (FLYWHEEL's call point) with our Rewriter on a real LanceDB."""
+    import pyarrow as pa
+
+    from flywheel.enhance import rewrite_cases
+    from flywheel.schema import PROMPT_REWRITES
+    from flywheel.store import connect, open_table, upsert
+    from flywheel.tracks import enhance_prompts
+
+    db = connect(str(tmp_path / "fw.lancedb"))
+    waiting = [dict(case_id=c, prompt=p, status="awaiting_enhancer") for c, p in [("c1", "a bus"), ("c2", "REFUSE")]]
+    upsert(open_table(db, "prompt_rewrites"), pa.Table.from_pylist(waiting, schema=PROMPT_REWRITES))
+    with ScriptedServer(respond) as server:
+        assert enhance_prompts(db, server.url, SERVED, rewrite_cases) == 2
+    rows = {r["case_id"]: r for r in open_table(db, "prompt_rewrites").to_arrow().to_pylist()}
+    assert (rows["c1"]["status"], rows["c1"]["rewrite"], rows["c1"]["model"]) == (
+        "rewritten", "An enhanced, detailed version of: a bus", SERVED)
+    assert rows["c2"]["status"] == "failed" and rows["c2"]["rewrite"] is None
