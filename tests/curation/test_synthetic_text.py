@@ -158,14 +158,15 @@ def test_killed_job_rerun_loses_and_duplicates_nothing(ray_local, tmp_path):
                  "--no-progress", "--no-report"] + [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                          env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=ROOT)
-    deadline = time.time() + 120
+    deadline, seen = time.time() + 240, []
     for line in p.stdout:
+        seen.append(line)
         if "committed 2 rows" in line or time.time() > deadline:
             break
     os.killpg(p.pid, signal.SIGKILL)  # the driver and every Ray process it started
     p.wait()
-    partial = lance.dataset(str(out)).count_rows()
-    assert 0 < partial < 12, partial
+    partial = lance.dataset(str(out)).count_rows() if out.exists() else 0
+    assert 0 < partial < 12, "".join(seen)[-3000:]
     # The rerun, in this process (the session's Ray): the same config the command line built.
     cfg = st.load_config(ROOT / "configs" / "synthetic_text.yaml", sets)
     s = st.run_synthesis(str(out), 12, cfg, seed=2, progress=False, report=False)
