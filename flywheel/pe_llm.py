@@ -193,3 +193,49 @@ def run_rows(ccfg: CaptionConfig, prompts: PEPromptSet, items: Iterable[Any],
     except (ValueError, OSError):
         stats.output_version = None
     return stats
+
+
+# --------------------------------------------------------------------------- the two jobs' CLI
+
+
+def add_llm_arguments(p) -> None:
+    """Flags both PE jobs take (an argparse.ArgumentParser); dotted dests are config fields."""
+    p.add_argument("--server", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    p.add_argument("--model", help="served model name")
+    p.add_argument("--config", help="YAML of config fields (default configs/pe.yaml)")
+    p.add_argument("--prompt-version", dest="prompt_version")
+    p.add_argument("--prompt-root", dest="prompt_root")
+    p.add_argument("--commit-every", dest="client.commit_every", type=int, help="rows per Lance commit")
+    p.add_argument("--concurrency", dest="client.concurrency", type=int, help="requests in flight")
+    p.add_argument("--server-patience", dest="client.server_patience_s", type=float, metavar="SECONDS",
+                   help="wait this long for an unreachable server, then commit and exit 3")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, dotted")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def run_job(cls: type, args: dict[str, Any], work: Callable[[Any], list[str]]) -> int:
+    """Load `cls` from the parsed flags, run `work(cfg)` and print its lines; the exit status says
+    how it ended: 0 done, 2 could not run (config, input, server), 3 server gone (finished rows
+    committed), 4 a Lance commit failed."""
+    import sys
+
+    from captioning.client import ServerUnreachable
+    from captioning.pipeline import CommitFailed
+    from common.typed_config import parse_assignment
+    from flywheel.pe_config import load
+
+    args = dict(args)
+    config, sets = args.pop("config"), args.pop("set")
+    try:
+        lines = work(load(cls, config, args | dict(parse_assignment(s) for s in sets)))
+    except (ConfigError, ServerUnreachable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ServerGone as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except CommitFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    print("\n".join(lines))
+    return 0
