@@ -177,7 +177,7 @@ class SemDedupRule:
     eps: float = 0.05
     """Near duplicates: embedding cosine similarity >= 1 - eps (SemDeDup), within a k-means cluster."""
     n_clusters: int | None = None
-    """k-means clusters; null = about sqrt(candidate rows)."""
+    """k-means clusters; null = ``curation.semdedup``'s default (about candidate rows / 1000)."""
     rank: tuple[str, ...] = ("aesthetic", "pixels", "id")
     """Survivor ranking, best first: score columns (higher wins), ``pixels`` (larger wins), ``id``
     (smaller wins, the final tie-break)."""

@@ -58,12 +58,47 @@ def _hist_png(name: str, values: np.ndarray, kept: np.ndarray, cfg: StageConfig,
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _category_png(t, cfg: StageConfig) -> str | None:
+    """Bars of the category distribution of the rows that reached the balance filter (before) and of
+    the kept rows (after)."""
+    if "balance" not in cfg.filters or "category" not in t.column_names:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cat = np.array(t.column("category").to_pylist(), dtype=object)
+    reason = np.array(t.column("reject_reason").to_pylist(), dtype=object)
+    before = (reason == None) | (reason == "balance") | (reason == "semdedup")  # noqa: E711
+    before &= cat != None  # noqa: E711
+    after = (reason == None) & (cat != None)  # noqa: E711
+    names = sorted(set(cat[before].tolist()))
+    if not names:
+        return None
+    b = [int((cat[before] == n).sum()) for n in names]
+    a = [int((cat[after] == n).sum()) for n in names]
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=90)
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, b, 0.4, label="before balance", color="#9ca3af")
+    ax.bar(x + 0.2, a, 0.4, label="kept", color="#3b82f6")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_title("category distribution before / after", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def write_report(uri: str, cfg: StageConfig, summary, storage_options: dict | None = None,
                  path: str | None = None) -> str:
     ds = lance.dataset(uri, storage_options=storage_options)
     plots = score_plots(cfg)
     cols = list(plots)
-    t = ds.to_table(columns=cols + ["keep"])
+    extra = [c for c in ("category", "reject_reason") if c in ds.schema.names and c not in cols]
+    t = ds.to_table(columns=cols + ["keep"] + extra)
     keep_all = t.column("keep").fill_null(False).to_numpy(zero_copy_only=False)
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td><td>{100.0 * v / max(1, summary.rows):.1f}%</td></tr>"
                    for k, v in sorted(summary.reasons.items(), key=lambda kv: -kv[1]))
@@ -77,6 +112,10 @@ def write_report(uri: str, cfg: StageConfig, summary, storage_options: dict | No
         vals = col.to_numpy(zero_copy_only=False)[valid].astype(np.float64)
         png = _hist_png(c, vals, keep_all[valid], cfg, plots[c])
         figs.append(f"<div class='fig'><img src='data:image/png;base64,{png}' alt='{c}'></div>")
+    cat_png = _category_png(t, cfg)
+    if cat_png:
+        figs.append(f"<h3>category distribution</h3><div class='fig'><img src='data:image/png;base64,{cat_png}' "
+                    "alt='category distribution'></div>")
     rate = summary.scored_now / summary.scoring_seconds if summary.scoring_seconds else 0.0
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{cfg.stage} report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px}} table{{border-collapse:collapse}}

@@ -94,30 +94,35 @@ def expand_parent(parent: Parent, fragment_id: int, extra: tuple[str, ...], batc
 
 
 def make_plan(cfg: StageConfig, skipped: tuple[str, ...], parent: Parent | None) -> Plan:
-    """Which filters score, which columns come from the parent, which models load."""
+    """Which filters score, which columns come from the parent, which models load.
+
+    From a parent table, every score column it computed is copied (scores travel down the chain,
+    so stage 6 finds stage 1's and stage 4's), except where this stage's filter would compute it
+    with other settings (then it is rescored). A filter all of whose columns are copied does not
+    run; pixels are decoded only if a filter that runs needs them."""
     chain = [n for n in cfg.filters if n not in skipped]
     ours = column_identities(cfg, chain)
     emb_id = embedding_identity(cfg)
+    clip_skipped = "clip" in skipped  # --skip clip turns the stage's CLIP off, rotation detector included
+    wants_emb = any(FILTERS[n].uses_embedding or (n == "rotation" and cfg.scoring.rotation.detector == "clip"
+                                                  and not clip_skipped) for n in chain)
     carry: list[str] = []
-    reused: list[str] = []
-    embeddings_carried = False
+    hashes: dict[str, str] = {}
     if parent is not None:
-        theirs = parent.column_hashes
         carry = [c for c in FILE_COLUMNS if c in parent.names]
-        carry += [c for c, h in ours.items() if theirs.get(c) == h and c in parent.names and c not in carry]
-        if theirs.get(EMBEDDING) == emb_id and EMBEDDING in parent.names:
-            carry.append(EMBEDDING)
-            embeddings_carried = True
-        reused = [n for n in chain if FILTERS[n].columns and all(c in carry for c in FILTERS[n].columns)]
+        for c, h in parent.column_hashes.items():
+            mismatch = (c in ours and ours[c] != h) or (c == EMBEDDING and wants_emb and h != emb_id)
+            if c in parent.names and not mismatch:
+                carry += [c] if c not in carry else []
+                hashes[c] = h
+    embeddings_carried = EMBEDDING in carry and hashes.get(EMBEDDING) == emb_id
+    reused = [n for n in chain if FILTERS[n].columns and all(c in carry for c in FILTERS[n].columns)]
     active = tuple(n for n in chain if n not in reused)
     decode = parent is None or any(FILTERS[n].needs_image for n in active)
-    hashes = {c: h for c, h in ours.items()}
-    clip_skipped = "clip" in skipped  # --skip clip turns the stage's CLIP off, rotation detector included
-    uses_clip = any(FILTERS[n].uses_embedding or (n == "rotation" and cfg.scoring.rotation.detector == "clip"
-                                                  and not clip_skipped) for n in active)
-    if embeddings_carried or uses_clip:
+    hashes.update({c: h for c, h in ours.items() if c not in hashes})
+    if wants_emb and EMBEDDING not in hashes:
         hashes[EMBEDDING] = emb_id
-    dim = embed_dim(_parent_schema(parent)) if embeddings_carried else None
+    dim = embed_dim(_parent_schema(parent)) if EMBEDDING in carry else None
     return Plan(active=active, carry=tuple(carry), models=models_for(cfg, active, embeddings_carried, clip_skipped),
                 decode=decode, embed_dim=dim or 768, reused=tuple(reused), column_hashes=hashes)
 
@@ -253,8 +258,11 @@ def run_stage(input_spec: str, output: str, cfg: StageConfig, skipped: tuple[str
     score_hash = cfg.score_hash(skipped)
     existing = check_output(output, cfg, score_hash, storage_options)
     facts = preflight(cfg, plan)  # a missing model stops here, before any data is read
-    if "embed_dim" in facts and not any(c == EMBEDDING for c in plan.carry):
+    if "embed_dim" in facts and EMBEDDING not in plan.carry:
         plan = Plan(**{**plan.__dict__, "embed_dim": facts["embed_dim"]})
+    if "aesthetic_dim" in facts and facts["aesthetic_dim"] != plan.embed_dim:
+        raise ConfigError(f"scoring.aesthetic.weights: the head reads {facts['aesthetic_dim']}-d embeddings, "
+                          f"the stage's CLIP (scoring.clip) gives {plan.embed_dim}-d")
 
     schema = plan.schema.with_metadata(_table_meta(cfg, score_hash, skipped, plan, parent))
     if existing == 0 and _open(output, storage_options) is None:

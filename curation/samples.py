@@ -205,6 +205,52 @@ def make_tiny_clip(out_dir: str | Path) -> tuple[str, str, str]:
     return "tiny-clip", str(cfg_path), str(weights)
 
 
+def make_tiny_aesthetic(out_dir: str | Path, dim: int = TINY_CLIP["embed_dim"]) -> str:
+    """A random head with the LAION aesthetic predictor's layer names, for the tiny CLIP's width
+    (the real 768-d weights live in ../shared/models/laion-aesthetic-v2/)."""
+    import torch
+
+    from .aesthetic import AestheticMLP
+
+    torch.manual_seed(0)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"tiny-aesthetic-{dim}.pth"
+    torch.save(AestheticMLP(dim).state_dict(), path)
+    return str(path)
+
+
+def stage4_corpus(root: str | Path, side: int = 576) -> dict[str, str]:
+    """Real photos at ``side`` px short side, clean and degraded the ways stage 4 must catch.
+    Returns {file name: the filter that must reject it, or "" for kept}."""
+    from PIL import ImageFilter
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    photos = dict(real_photos())
+
+    def sized(name: str) -> Image.Image:
+        im = photos[name]
+        s = side / min(im.size)
+        return im.resize((round(im.size[0] * s), round(im.size[1] * s)), Image.Resampling.LANCZOS)
+
+    q8 = Image.open(io.BytesIO(jpeg(sized("chelsea"), 8)))
+    files = {
+        "clean_astronaut.jpg": (jpeg(sized("astronaut"), 95), ""),
+        "clean_china.jpg": (jpeg(sized("china"), 95), ""),
+        "clean_flower.png": (png(sized("flower")), ""),
+        "small_rocket.jpg": (jpeg(photos["rocket"].resize((300, 450)), 95), "resolution"),
+        "blur_camera.jpg": (jpeg(sized("camera").filter(ImageFilter.GaussianBlur(6)), 95), "quality"),
+        "q8_chelsea.jpg": (jpeg(sized("chelsea"), 8), "compression"),
+        "q8_resaved_q95_coins.jpg": (jpeg(Image.open(io.BytesIO(jpeg(sized("coins"), 8))), 95),
+                                          "compression"),
+        "q8_as_png_chelsea.png": (png(q8), "compression"),
+    }
+    for name, (data, _) in files.items():
+        (root / name).write_bytes(data)
+    return {name: why for name, (_, why) in files.items()}
+
+
 def make_tiny_tokenizer(out_dir: str | Path) -> str:
     """A byte-level BPE trained on a few captions, saved as a transformers tokenizer folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

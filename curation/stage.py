@@ -64,6 +64,9 @@ def preflight(cfg: StageConfig, plan: Plan) -> dict[str, int]:
         model.preflight()
         if name == "clip":
             facts["embed_dim"] = model.embed_dim
+        if name == "aesthetic":
+            model.setup()  # a small MLP: its input width is checked against the CLIP's
+            facts["aesthetic_dim"] = model.dim
     return facts
 
 
