@@ -32,12 +32,14 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 BLOCKS, BLOCK_BITS = 16, 4
-# Relative costs measured on 2 CPU cores at 1M-16M hashes: one hash through one covering key
-# (extract, pack, sort, scan) ~ 1; one candidate pair (gathers, xor, popcount) ~ 2; one probe of
-# one hash in a bucket table ~ 1.2.
-_SORT_COST, _PAIR_COST, _PROBE_COST = 1.0, 2.0, 1.2
+# Relative costs, measured on 2 shared CPU cores at 1M and 4M hashes: one hash through one covering
+# key (permute in cache, SIMD sort, scan) = 1 (~35 ns); one candidate pair (neighbour reads, xor,
+# popcount, run bookkeeping) ~ 2.5; one probe of one hash in a bucket table ~ 2; one cell of the
+# greedy covering search (once per process) ~ 0.5.
+_SORT_COST, _PAIR_COST, _PROBE_COST, _COVER_COST = 1.0, 2.5, 2.0, 0.5
 # Candidate pairs materialised at once by the probing search (bounds memory).
 _CHUNK_PAIRS = 1 << 22
+_CACHE_CHUNK = 1 << 15  # hashes per in-cache chunk (256 KiB)
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 _EMPTY_U = (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
 
@@ -94,12 +96,20 @@ def _layout(key: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
 
 def permute(h: np.ndarray, key: tuple[int, ...], inverse: bool = False) -> np.ndarray:
     """``h`` with the key's blocks moved to the top bits (or back, with ``inverse``)."""
+    moves = [(np.uint64(d), np.uint64((1 << w) - 1), np.uint64(s)) if inverse else
+             (np.uint64(s), np.uint64((1 << w) - 1), np.uint64(d)) for s, w, d in _layout(key)]
     out = np.zeros(len(h), np.uint64)
-    for src, width, dst in _layout(key):
-        if inverse:
-            src, dst = dst, src
-        part = (h >> np.uint64(src)) & np.uint64((1 << width) - 1) if src else h & np.uint64((1 << width) - 1)
-        out |= part << np.uint64(dst) if dst else part
+    tmp = np.empty(min(len(h), _CACHE_CHUNK), np.uint64)
+    # Chunks that stay in cache, ops in place: on millions of hashes, one pass per move over whole
+    # arrays (and fresh temporaries) is memory-bound, ~3x slower.
+    for a in range(0, len(h), _CACHE_CHUNK):
+        src, dst = h[a:a + _CACHE_CHUNK], out[a:a + _CACHE_CHUNK]
+        t = tmp[: len(src)]
+        for shift_in, mask, shift_out in moves:
+            np.right_shift(src, shift_in, out=t)
+            np.bitwise_and(t, mask, out=t)
+            np.left_shift(t, shift_out, out=t)
+            np.bitwise_or(dst, t, out=dst)
     return out
 
 
@@ -113,8 +123,8 @@ def sorted_pairs(v: np.ndarray, key_bits: int, d: int) -> tuple[np.ndarray, np.n
     if n < 2:
         return _EMPTY_U
     vs = np.sort(v)
-    b = vs >> np.uint64(64 - key_bits) if key_bits else np.zeros(n, np.uint64)
-    same = b[1:] == b[:-1]
+    # Neighbours share the key iff their xor is below the key's lowest bit.
+    same = np.bitwise_xor(vs[1:], vs[:-1]) < np.uint64(1 << (64 - key_bits)) if key_bits else np.ones(n - 1, bool)
     out_x, out_y = [], []
     p, k = np.flatnonzero(same), 1
     while len(p):
@@ -210,9 +220,11 @@ def plan(n: int, d: int) -> tuple[str, int]:
     for s in range(max(0, around - 1), min(BLOCKS - d, around + 2) + 1):
         per_key = _SORT_COST * n + _PAIR_COST * n * n / 2.0 ** (BLOCK_BITS * s + 1)
         if (math.comb(BLOCKS, s) * math.comb(BLOCKS, d) > 1.5e8  # the covering search itself too big
-                or _min_keys(s, d) * per_key >= best[0]):
+                or _min_keys(s, d) * per_key + _COVER_COST * math.comb(BLOCKS, s) * math.comb(BLOCKS, d)
+                >= best[0]):
             continue
-        best = min(best, (len(covering(s, d)) * per_key, ("cover", s)))
+        setup = _COVER_COST * math.comb(BLOCKS, s) * math.comb(BLOCKS, d)
+        best = min(best, (len(covering(s, d)) * per_key + setup, ("cover", s)))
     return best[1]
 
 
