@@ -1,4 +1,5 @@
-"""Input readers: an image folder, WebDataset ``.tar`` shards, Parquet files or a Lance table.
+"""Input readers: an image folder, WebDataset ``.tar`` shards, Parquet files or a Lance table —
+on local disk or an object store (``s3://``; credentials from the environment, ``common.storage``).
 
 Every item becomes one row ``(id, uri, caption, path, caption_path, data)`` where ``id`` is
 ``sha1(source + key)`` — stable across runs, so a rerun can skip what is already committed — and
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from common import storage
 
 from .config import ConfigError
 
@@ -62,45 +65,66 @@ class Source:
     columns: Columns = Columns()
 
 
+def _remote_files(spec: str) -> tuple[bool, list[str]]:
+    """(is a single object, every object URI under ``spec``) on an object store."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(spec)
+    scheme = spec.split("://", 1)[0]
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return True, [spec]
+        infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise ConfigError(f"--input: cannot list {spec}: {e}") from None
+    return False, sorted(f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File)
+
+
 def resolve_input(spec: str, columns: Columns | None = None) -> Source:
-    """Work out what ``--input`` is; raise a one-line ConfigError for a missing or empty input."""
+    """Work out what ``--input`` is (a local path or an ``s3://`` URI); raise a one-line
+    ConfigError for a missing or empty input."""
     columns = columns or Columns()
     if not spec:
         raise ConfigError("--input is required")
+    remote = storage.is_remote(spec)
     p = Path(spec).expanduser()
     if spec.rstrip("/").endswith(".lance"):
         import lance
 
-        if not p.exists() and "://" not in spec:
+        if not remote and not p.exists():
             raise ConfigError(f"--input: no such Lance table: {spec}")
         try:
-            ds = lance.dataset(spec)
+            ds = lance.dataset(spec, storage_options=storage.storage_options(spec))
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"--input: cannot open Lance table {spec}: {e}") from None
         if ds.count_rows() == 0:
             raise ConfigError(f"--input: Lance table {spec} is empty")
         cols = _pick_columns(ds.schema, columns, "--input")
         return Source("lance", spec, tuple(str(f.fragment_id) for f in ds.get_fragments()), cols)
-    if not p.exists():
-        raise ConfigError(f"--input: no such file or directory: {spec}")
-    if p.is_file():
-        files = [p]
+    if remote:
+        root = spec.rstrip("/")
+        is_file, names = _remote_files(root)
+        if not names:
+            raise ConfigError(f"--input: no such object or prefix: {spec}")
     else:
-        files = [Path(r) / f for r, _, fs in os.walk(p) for f in fs]
-    tars = sorted(str(f) for f in files if f.suffix.lower() == ".tar")
-    parquets = sorted(str(f) for f in files if f.suffix.lower() == ".parquet")
-    images = [f for f in files if f.suffix.lower() in IMAGE_EXTS]
-    if p.is_file() and not (tars or parquets):
+        if not p.exists():
+            raise ConfigError(f"--input: no such file or directory: {spec}")
+        root, is_file = str(p.resolve()), p.is_file()
+        names = [str(p)] if is_file else [os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs]
+    ext = {n: os.path.splitext(n)[1].lower() for n in names}
+    tars = sorted(n for n in names if ext[n] == ".tar")
+    parquets = sorted(n for n in names if ext[n] == ".parquet")
+    images = [n for n in names if ext[n] in IMAGE_EXTS]
+    if is_file and not (tars or parquets):
         raise ConfigError(f"--input: {spec} is not a folder, a .tar shard, a .parquet file or a .lance table")
     if parquets and not images and not tars:
-        import pyarrow.parquet as pq
-
-        cols = _pick_columns(pq.read_schema(parquets[0]), columns, "--input")
-        return Source("parquet", str(p.resolve()), tuple(parquets), cols)
+        cols = _pick_columns(_parquet_file(parquets[0]).schema_arrow, columns, "--input")
+        return Source("parquet", root, tuple(parquets), cols)
     if tars and not images:
-        return Source("tar", str(p.resolve()), tuple(tars))
+        return Source("tar", root, tuple(tars))
     if images:
-        return Source("folder", str(p.resolve()), ())
+        return Source("folder", root, ())
     raise ConfigError(f"--input: no images, .tar shards or .parquet files found under {spec}")
 
 
@@ -125,29 +149,50 @@ def _pick_columns(schema: pa.Schema, given: Columns, flag: str) -> Columns:
 
 
 # --------------------------------------------------------------------------- folder
+def _walk(root: str) -> Iterator[tuple[str, list[str]]]:
+    """(directory, file names) under a local folder or an object-store prefix."""
+    if not storage.is_remote(root):
+        for dirpath, _, files in os.walk(root):
+            yield dirpath, files
+        return
+    by_dir: dict[str, list[str]] = {}
+    for uri in _remote_files(root)[1]:
+        d, name = uri.rsplit("/", 1)
+        by_dir.setdefault(d, []).append(name)
+    yield from by_dir.items()
+
+
 def list_folder(root: str) -> pa.Table:
-    """Every image file under ``root`` (recursive, case-insensitive extension) with its sidecar
-    caption file if one sits beside it (``a.jpg`` + ``a.txt`` or ``a.json``, img2dataset style)."""
+    """Every image file under ``root`` (a folder or an object-store prefix; recursive,
+    case-insensitive extension) with its sidecar caption file if one sits beside it (``a.jpg`` +
+    ``a.txt`` or ``a.json``, img2dataset style)."""
     ids, uris, paths, cap_paths = [], [], [], []
-    for dirpath, _, files in os.walk(root):
+    remote = storage.is_remote(root)
+    for dirpath, files in _walk(root):
         present = set(files)
         for name in files:
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTS:
                 continue
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
+            full = f"{dirpath}/{name}" if remote else os.path.join(dirpath, name)
+            rel = full[len(root.rstrip("/")) + 1:] if remote else os.path.relpath(full, root)
             side = next((stem + s for s in (".txt", ".json") if stem + s in present), None)
             ids.append(make_id(root, rel))
             uris.append(full)
             paths.append(full)
-            cap_paths.append(os.path.join(dirpath, side) if side else None)
+            cap_paths.append((f"{dirpath}/{side}" if remote else os.path.join(dirpath, side)) if side else None)
     n = len(ids)
     none = pa.nulls(n, pa.string())
     return pa.Table.from_arrays(
         [pa.array(ids, pa.string()), pa.array(uris, pa.string()), none, pa.array(paths, pa.string()),
          pa.array(cap_paths, pa.string()), pa.nulls(n, pa.large_binary()), none],
         schema=ITEM_SCHEMA).sort_by("id")
+
+
+def read_bytes(path: str) -> bytes:
+    """A folder item's (or sidecar's) bytes, from a local path or an object-store URI; OSError
+    when it cannot be read. Scoring workers call this for rows whose ``data`` is null."""
+    return storage.read_bytes(path)
 
 
 # --------------------------------------------------------------------------- units -> rows
@@ -184,6 +229,23 @@ def _decode_text(raw: bytes | None) -> str | None:
     return raw.decode("utf-8", errors="replace").strip()
 
 
+def _open_tar(shard: str) -> tarfile.TarFile:
+    if not storage.is_remote(shard):
+        return tarfile.open(shard, "r:*")
+    fs, path = storage.filesystem(shard)
+    # Stream mode: one sequential read of the object, no seeks.
+    return tarfile.open(fileobj=fs.open_input_stream(path), mode="r|*")
+
+
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+
+    if not storage.is_remote(path):
+        return pq.ParquetFile(path)
+    fs, p = storage.filesystem(path)
+    return pq.ParquetFile(fs.open_input_file(p))
+
+
 def expand_tar(shard: str, batch_rows: int = 256) -> Iterator[pa.Table]:
     """WebDataset shard -> rows. Files are grouped by key (path up to the first dot of the base
     name); the image member is the one with an image extension, the caption the ``.txt`` (or the
@@ -192,7 +254,7 @@ def expand_tar(shard: str, batch_rows: int = 256) -> Iterator[pa.Table]:
     groups: dict[str, dict[str, bytes]] = {}
     error = None
     try:
-        with tarfile.open(shard, "r:*") as tf:
+        with _open_tar(shard) as tf:
             for m in tf:
                 if not m.isfile():
                     continue
@@ -241,7 +303,8 @@ def _table_batches(batches: Iterator[pa.RecordBatch], source: str, uri_prefix: s
             paths = [None] * n
         else:
             datas = [None] * n
-            paths = [p if p is None or os.path.isabs(p) or base_dir is None else os.path.join(base_dir, p)
+            paths = [p if p is None or os.path.isabs(p) or storage.is_remote(p) or base_dir is None
+                     else storage.join(base_dir, p)
                      for p in rb.column(cols.path).cast(pa.string()).to_pylist()]
         for i in range(n):
             key = keys[i] if keys[i] is not None else str(offset + i)
@@ -252,18 +315,16 @@ def _table_batches(batches: Iterator[pa.RecordBatch], source: str, uri_prefix: s
 
 
 def expand_parquet(path: str, cols: Columns, batch_rows: int = 256) -> Iterator[pa.Table]:
-    import pyarrow.parquet as pq
-
     want = [c for c in (cols.image, cols.path, cols.caption, cols.key) if c]
-    pf = pq.ParquetFile(path)
+    pf = _parquet_file(path)
     yield from _table_batches(pf.iter_batches(batch_size=batch_rows, columns=want), path, path, cols,
-                              os.path.dirname(path))
+                              path.rsplit("/", 1)[0] if storage.is_remote(path) else os.path.dirname(path))
 
 
 def expand_lance(uri: str, fragment_id: str, cols: Columns, batch_rows: int = 256) -> Iterator[pa.Table]:
     import lance
 
-    frag = lance.dataset(uri).get_fragment(int(fragment_id))
+    frag = lance.dataset(uri, storage_options=storage.storage_options(uri)).get_fragment(int(fragment_id))
     want = [c for c in (cols.image, cols.path, cols.caption, cols.key) if c]
     # Without a key column, (fragment, offset) is stable for an unchanged table version.
     src = uri if cols.key else f"{uri}/fragment={fragment_id}"
