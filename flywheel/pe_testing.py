@@ -107,3 +107,19 @@ def scripted_answer(body: dict[str, Any], invent: str | None = None) -> dict[str
     if kind == "edit":
         return {"prompt": text.split(".")[0] + (f" {invent}" if invent else "")}
     return {"prompt": f"An enhanced, detailed version of: {text}"}
+
+
+def captioning_test_module():
+    """tests/captioning/conftest.py under a module name of its own: its ScriptedServer, completion()
+    and the session fixtures tiny_vlm / vllm_server (the captioning tests' real CPU vLLM server)."""
+    import importlib.util
+    import sys
+
+    name = "captioning_test_conftest"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "tests" / "captioning" / "conftest.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]

@@ -4,7 +4,6 @@ plain format, and the function the flywheel calls for routed cases."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,13 +13,11 @@ import pytest
 
 from captioning.client import ServerUnreachable
 from flywheel.enhance import enhance_texts, prompt_id
-from flywheel.pe_testing import request_kind, request_text, scripted_answer
+from flywheel.pe_testing import captioning_test_module, request_kind, request_text, scripted_answer
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "jobs"))
-_spec = importlib.util.spec_from_file_location("captioning_conftest", ROOT / "tests" / "captioning" / "conftest.py")
-_cap = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_cap)
+_cap = captioning_test_module()
 ScriptedServer, completion, SERVED = _cap.ScriptedServer, _cap.completion, _cap.SERVED
 
 import enhance_prompts  # noqa: E402

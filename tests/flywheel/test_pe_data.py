@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib.util
 import json
 import sys
 import threading
@@ -20,13 +19,17 @@ from common.typed_config import ConfigError
 from flywheel.pe_config import CATEGORIES, DIFFICULTIES, PEConfig, load
 from flywheel.pe_data import draw, meaning_check, names_in
 from flywheel.pe_export import split_of
-from flywheel.pe_testing import request_kind, request_text, scripted_answer, write_captions
+from flywheel.pe_testing import (
+    captioning_test_module,
+    request_kind,
+    request_text,
+    scripted_answer,
+    write_captions,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "jobs"))
-_spec = importlib.util.spec_from_file_location("captioning_conftest", ROOT / "tests" / "captioning" / "conftest.py")
-_cap = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_cap)
+_cap = captioning_test_module()
 ScriptedServer, completion, SERVED = _cap.ScriptedServer, _cap.completion, _cap.SERVED
 
 import build_pe_data  # noqa: E402

@@ -4,7 +4,6 @@ schema promises) and resume after kill -9. The tiny model writes junk, so nothin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -19,12 +18,10 @@ import pytest
 from captioning.testing import write_curated
 from flywheel.pe_config import PROMPT_ROOT
 from flywheel.pe_schema import ENHANCED, PE_DATA
-from flywheel.pe_testing import write_captions
+from flywheel.pe_testing import captioning_test_module, write_captions
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("captioning_conftest", ROOT / "tests" / "captioning" / "conftest.py")
-_cap = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_cap)
+_cap = captioning_test_module()
 tiny_vlm, vllm_server, SERVED = _cap.tiny_vlm, _cap.vllm_server, _cap.SERVED  # the captioning session fixtures
 
 pytestmark = pytest.mark.vllm
