@@ -75,9 +75,8 @@ def test_pe_data_contract_and_resume_after_kill(vllm_server, tiny_prompts, tmp_p
         except (ValueError, OSError):
             pass
         time.sleep(0.2)
-    killed = proc.poll() is None
-    if killed:
-        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first = lance.dataset(out).to_table(columns=["id", "status", "created_at"]).to_pylist()
     assert 2 <= len(first) <= len(SPEC)
