@@ -32,8 +32,8 @@ from curation.config import load_config  # noqa: E402
 from curation.samples import CAPTIONS, make_tiny_clip, make_tiny_tokenizer, real_photos  # noqa: E402
 
 
-def make_corpus(root: Path, n: int) -> list[str]:
-    """n JPEGs whose width and height are each 512-1024 px (uniform, independently): random crops of
+def make_corpus(root: Path, n: int, lo: int = 512, hi: int = 1024) -> list[str]:
+    """n JPEGs whose width and height are each lo-hi px (uniform, independently): random crops of
     the bundled real photos with that aspect ratio, resized, flipped at random, quality 80-95."""
     root.mkdir(parents=True, exist_ok=True)
     existing = sorted(str(p) for p in root.glob("*.jpg"))
@@ -45,7 +45,7 @@ def make_corpus(root: Path, n: int) -> list[str]:
     for i in range(n):
         im = photos[i % len(photos)]
         w, h = im.size
-        tw, th = int(rng.integers(512, 1025)), int(rng.integers(512, 1025))
+        tw, th = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
         # The largest region of the photo with the target's aspect ratio, shrunk to 60-100 %.
         cw, ch = (w, w * th / tw) if w * th / tw <= h else (h * tw / th, h)
         f = rng.uniform(0.6, 1.0)

@@ -92,6 +92,95 @@ def _category_png(t, cfg: StageConfig) -> str | None:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+# Thumbnails: examples per reject reason, kept rows nearest each threshold, duplicate clusters.
+_PER_REASON, _PER_SCORE, _CLUSTERS, _PER_CLUSTER, _THUMB = 8, 6, 4, 5, 112
+
+
+def _thumb(data: bytes | None, rotate: int) -> str | None:
+    """A small JPEG (base64) of stored image bytes, upright; None when there are none."""
+    if data is None:
+        return None
+    from .table import load_image
+
+    try:
+        im = load_image(data, rotate or 0, short_side=_THUMB)
+    except ValueError:
+        return None
+    im.thumbnail((_THUMB, _THUMB))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=70)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _examples(ds, cfg: StageConfig, plots: dict) -> str:
+    """Strips of example thumbnails, drawn deterministically (by a hash of the id): per reject
+    reason with the failing filter's scores; kept rows at the threshold end of each score (the
+    borderline keeps a threshold change would flip first); a few dedup clusters, survivor first."""
+    from .balance import draws
+    from .table import read_images
+
+    if (ds.schema.metadata or {}).get(b"store_image") == b"none":
+        return "<p>No thumbnails: this table stores no images (scoring.store_image: none).</p>"
+    names = ds.schema.names
+    cols = ["id", "keep", "reject_reason", "rotate"] + [c for c in ("dup_of", "semdup_of", "semdup_similarity")
+                                                       if c in names]
+    score_cols = sorted({c for n in cfg.filters for c in FILTERS[n].columns if c in names and c != "error"})
+    t = ds.to_table(columns=list(dict.fromkeys(cols + score_cols + ["error"])), with_row_id=True)
+    if t.num_rows == 0:
+        return ""
+    d = {c: np.array(t.column(c).to_pylist(), dtype=object) for c in t.column_names}
+    order = np.argsort(draws(d["id"], 0), kind="stable")
+    strips: list[tuple[str, list[tuple[int, str]]]] = []  # (title, [(row, caption)])
+    for reason in sorted({r for r in d["reject_reason"] if r}):
+        rows = [i for i in order if d["reject_reason"][i] == reason][:_PER_REASON]
+        shown = [c for c in FILTERS[reason].columns if c in d] if reason in FILTERS else []
+        shown = {"broken": ["error"], "dedup": ["dup_of"], "semdedup": ["semdup_of", "semdup_similarity"]}.get(
+            reason, shown)
+        strips.append((f"rejected: {reason}", [(i, " ".join(f"{c} {_fmt(d[c][i])}" for c in shown
+                                                            if d[c][i] is not None)) for i in rows]))
+    kept = np.flatnonzero(d["keep"] == True)  # noqa: E712 - object array
+    for col, lines in plots.items():
+        if col not in d or not lines:
+            continue
+        vals = np.array([np.nan if d[col][i] is None else float(d[col][i]) for i in kept])
+        ok = ~np.isnan(vals)
+        if not ok.any():
+            continue
+        high_bad = lines[0][1] == "max"
+        idx = kept[ok][np.argsort(-vals[ok] if high_bad else vals[ok], kind="stable")][:_PER_SCORE]
+        strips.append((f"kept, {'highest' if high_bad else 'lowest'} {col}", [(i, f"{col} {_fmt(d[col][i])}") for i in idx]))
+    for ref, sim, why in (("dup_of", None, "dedup"), ("semdup_of", "semdup_similarity", "semdedup")):
+        if ref not in d:
+            continue
+        groups: dict[str, list[int]] = {}
+        for i in order:
+            if d[ref][i] is not None and d["reject_reason"][i] == why:
+                groups.setdefault(d[ref][i], []).append(int(i))
+        by_id = {v: k for k, v in enumerate(d["id"])}
+        for head in sorted(groups, key=lambda h: (-len(groups[h]), h))[:_CLUSTERS]:
+            members = [(by_id[head], "survivor")] if head in by_id else []
+            members += [(i, "copy" + (f" sim {_fmt(d[sim][i])}" if sim else "")) for i in groups[head][:_PER_CLUSTER]]
+            strips.append((f"{why} cluster ({len(groups[head])} copies)", members))
+    want = sorted({i for _, items in strips for i, _ in items})
+    rowids = t.column("_rowid").to_numpy()
+    blobs = dict(zip(want, read_images(ds, [int(rowids[i]) for i in want]), strict=True)) if want else {}
+    parts = []
+    for title, items in strips:
+        cells = []
+        for i, text in items:
+            img = _thumb(blobs.get(i), d["rotate"][i] if d["keep"][i] else 0)
+            pic = (f"<img src='data:image/jpeg;base64,{img}' alt='{html.escape(d['id'][i])}'>" if img
+                   else "<div class='noimg'>no image</div>")
+            cells.append(f"<figure>{pic}<figcaption>{text}<br><span class='id'>{html.escape(d['id'][i][:10])}"
+                         "</span></figcaption></figure>")
+        parts.append(f"<h4>{html.escape(title)}</h4><div class='strip'>{''.join(cells)}</div>")
+    return "".join(parts)
+
+
 def write_report(uri: str, cfg: StageConfig, summary, storage_options: dict | None = None,
                  path: str | None = None) -> str:
     ds = lance.dataset(uri, storage_options=storage_options)
@@ -117,14 +206,20 @@ def write_report(uri: str, cfg: StageConfig, summary, storage_options: dict | No
         figs.append(f"<h3>category distribution</h3><div class='fig'><img src='data:image/png;base64,{cat_png}' "
                     "alt='category distribution'></div>")
     rate = summary.scored_now / summary.scoring_seconds if summary.scoring_seconds else 0.0
+    examples = _examples(ds, cfg, plots)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{cfg.stage} report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} .fig{{display:inline-block;margin:6px}}</style>
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} .fig{{display:inline-block;margin:6px}}
+.strip{{display:flex;flex-wrap:wrap;gap:6px}} figure{{margin:0;width:{_THUMB + 8}px;font-size:11px}}
+figure img{{max-width:{_THUMB}px;max-height:{_THUMB}px;display:block;border:1px solid #ddd}}
+.noimg{{width:{_THUMB}px;height:{_THUMB // 2}px;background:#eee;color:#888;font-size:11px}} .id{{color:#888}}
+figcaption{{overflow-wrap:anywhere}}</style>
 </head><body><h2>{html.escape(cfg.stage)} — {html.escape(uri)} (version {summary.version})</h2>
 <p>{summary.rows} rows; scored {summary.scored_now} this run at {rate:.1f} img/s;
 threshold hash {cfg.threshold_hash()}.</p>
 <table><tr><th>reason</th><th>rows</th><th>share</th></tr>{rows}</table>
-<h3>Scores (blue kept, red rejected; dashed lines: thresholds)</h3>{''.join(figs)}</body></html>"""
+<h3>Scores (blue kept, red rejected; dashed lines: thresholds)</h3>{''.join(figs)}
+<h3>Examples (drawn by a hash of the id: the same rows on every run)</h3>{examples}</body></html>"""
     out = path or (uri.rstrip("/") + ".report.html" if "://" not in uri else f"{cfg.stage}.report.html")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

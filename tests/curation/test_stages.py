@@ -82,6 +82,11 @@ def test_stage4_filters_decide_on_degraded_photos(alone, s4):
     assert set(df["stage"]) == {"stage4"}
     page = Path(summary.report).read_text()
     assert "brisque" in page and "blockiness" in page
+    # Thumbnails: a strip per reject reason with the failing scores, and borderline keeps per score.
+    for reason in ("resolution", "quality", "compression"):
+        assert f"<h4>rejected: {reason}</h4>" in page, reason
+    assert "<h4>kept, highest brisque</h4>" in page and "<h4>kept, lowest aesthetic</h4>" in page
+    assert page.count("<img src='data:image/jpeg;base64,") >= len(s4["notes"])
 
 
 def test_rethreshold_stage4_from_stored_scores(alone, s4, tmp_path):

@@ -1,0 +1,92 @@
+"""Stage-4 throughput against a bare Pillow decode, measured in the same run.
+
+    python benchmarks/stage4.py [--n 2000] [--workdir data/bench]
+
+(a) baseline: ``Image.open(f).convert("RGB")`` (a full decode) of every file with a multiprocessing
+    pool, one process per core;
+(b) ours: the stage-4 chain without CLIP (broken, resolution, BRISQUE image quality, JPEG quality
+    factor + blockiness; ``--skip aesthetic``) run by the job through Ray Data on the same files and
+    cores — Ray start-up, Lance writes and the decision pass included.
+Files: JPEGs whose width and height are each 1024-1536 px (the 1024p bucket). Also printed: the
+per-image cost of each scorer on one core, which is where the time goes.
+The last line is ``stage4 chain/decode ratio: X.XX`` = (b) / (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stage1 import bare_decode, linked_subset, make_corpus  # noqa: E402
+
+from curation.cli import CONFIGS  # noqa: E402
+from curation.config import load_config  # noqa: E402
+
+
+def scorer_costs(path: str, repeat: int = 3) -> dict[str, float]:
+    """Milliseconds per image of each step on one core (one file, best of ``repeat``)."""
+    from PIL import Image
+
+    from curation.decode import decode
+    from curation.quality import blockiness, brisque_score, jpeg_quality
+
+    data = Path(path).read_bytes()
+    d = decode(data, 512, 1 << 40)
+    block = round(8 * d.image.size[0] / d.width)
+    steps = {"full decode (a)": lambda: Image.open(io.BytesIO(data)).convert("RGB"),
+             "draft decode at 512": lambda: decode(data, 512, 1 << 40), "brisque": lambda: brisque_score(d.image),
+             "blockiness": lambda: blockiness(d.image, block), "jpeg_quality": lambda: jpeg_quality(data)}
+    out = {}
+    for name, fn in steps.items():
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        out[name] = best * 1e3
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--workdir", default="data/bench")
+    args = ap.parse_args()
+    cpus = os.cpu_count() or 1
+    work = Path(args.workdir)
+    paths = make_corpus(work / "corpus-1024-1536", args.n, 1024, 1536)
+    corpus = linked_subset(paths, work / f"corpus4-n{args.n}")
+    print(f"corpus: {len(paths)} JPEGs, width and height 1024-1536 px, "
+          f"{sum(os.path.getsize(p) for p in paths) / 1e6:.0f} MB, {cpus} cores")
+    print("per image, one core: " + ", ".join(f"{k} {v:.1f} ms" for k, v in scorer_costs(paths[0]).items()))
+
+    decode_rate = bare_decode(paths, cpus)
+    print(f"(a) bare Pillow full decode, {cpus} processes: {decode_rate:.1f} img/s")
+
+    import ray
+
+    from curation.run import run_stage
+
+    out = work / "out_stage4.lance"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(CONFIGS / "stage4.yaml")
+    t = time.perf_counter()
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    summary = run_stage(str(corpus), str(out), cfg, ("aesthetic",), progress=False, report=False)
+    rate = summary.rows / (time.perf_counter() - t)
+    ray.shutdown()
+    print(f"(b) stage-4 chain without CLIP via Ray Data + Lance: {rate:.1f} img/s {summary.reasons} "
+          f"(scoring phase alone {summary.rows / summary.scoring_seconds:.1f} img/s)")
+    print(f"stage4 chain/decode ratio: {rate / decode_rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()
