@@ -23,6 +23,9 @@ PROMPT_ROOT = Path(__file__).resolve().parent / "pe_prompts"
 CATEGORIES: tuple[str, ...] = ("general", "portrait", "text", "complex_text")
 DIFFICULTIES: tuple[str, ...] = ("light", "medium", "heavy")
 LANGUAGE_NAMES = {"en": "English", "zh": "Chinese (简体中文)"}
+# Request settings where neither configs/pe.yaml nor the caller sets them (enhance_texts from the
+# flywheel): text answers are shorter than image captions, and sampling should vary between rows.
+CLIENT_DEFAULTS = {"max_tokens": 1024, "temperature": 0.7, "commit_every": 64, "concurrency": 32}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +74,7 @@ class LLMJob:
 
     def caption_config(self, source: str) -> CaptionConfig:
         """The captioning client's config: the `client` section, with server/model/output from here."""
-        data = {"max_tokens": 1024, "temperature": 0.7, "commit_every": 64, "concurrency": 32, **self.client,
+        data = {**CLIENT_DEFAULTS, **self.client,
                 "input": source, "output": self.output, "model": self.model, "server": self.server}
         return build(CaptionConfig, data, "client")
 

@@ -26,7 +26,7 @@ import numpy as np
 from captioning.client import CaptionClient, Outcome
 from captioning.pipeline import CaptionWriter
 from captioning.report import CJK, QUOTED
-from captioning.schema import TRAINING_COLUMNS, caption_variants
+from captioning.schema import ADDED_COLUMNS, TRAINING_COLUMNS, caption_variants
 from common.typed_config import ConfigError
 from flywheel.pe_config import DIFFICULTIES, LANGUAGE_NAMES, PEConfig
 from flywheel.pe_llm import PEPromptSet, RunStats, run_rows
@@ -215,7 +215,8 @@ def open_captions(uri: str) -> lance.LanceDataset:
         ds = lance.dataset(uri)
     except (ValueError, OSError) as e:
         raise ConfigError(f"--captions {uri}: not a readable Lance table ({str(e).splitlines()[0]})") from e
-    missing = [c for c in TRAINING_COLUMNS if c not in ds.schema.names]
+    # columns added to the captions schema later (ocr_flag, ...) may be absent in an older table: null
+    missing = [c for c in TRAINING_COLUMNS if c not in ds.schema.names and c not in ADDED_COLUMNS]
     if missing:
         raise ConfigError(f"--captions {uri}: not a captions table (captioning/schema.py); missing {', '.join(missing)}")
     return ds
@@ -244,7 +245,8 @@ def read_edits(cfg: PEConfig) -> list[tuple[str, str]]:
 def iter_items(ds: lance.LanceDataset, edits: list[tuple[str, str]], stored: dict[str, str],
                stats: RunStats) -> Iterator[tuple[str, Any]]:
     """Input items not yet done: captions rows (only the columns caption_variants reads), then edits."""
-    for batch in ds.scanner(columns=list(TRAINING_COLUMNS), batch_size=1024).to_batches():
+    columns = [c for c in TRAINING_COLUMNS if c in ds.schema.names]
+    for batch in ds.scanner(columns=columns, batch_size=1024).to_batches():
         for row in batch.to_pylist():
             if stored.get(row["id"]) in DONE:
                 stats.skipped += 1
