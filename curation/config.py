@@ -149,7 +149,7 @@ class TokenLengthRule:
 
 @dataclass(frozen=True, kw_only=True)
 class QualityRule:
-    max_brisque: float = 45.0
+    max_brisque: float = 55.0
     """Reject when the no-reference BRISQUE score (lower is better, ~0..100, computed at a fixed
     analysis size) is above this. (Defaults of this section mirror ``curation.quality.DEFAULT_*``,
     calibrated there; a test keeps them equal.)"""
@@ -166,7 +166,7 @@ class CompressionRule:
     min_jpeg_quality: float = 40.0
     """Reject JPEGs whose quality factor estimated from the quantisation tables (1..100) is below
     this; null (not a JPEG) passes."""
-    max_blockiness: float = 0.25
+    max_blockiness: float = 0.35
     """Reject when the 8x8 block-edge excess of the decoded pixels (0 = none) is above this:
     catches a heavily compressed image re-saved at high quality, and non-JPEG files with JPEG
     artefacts."""

@@ -276,3 +276,12 @@ def test_bad_arguments_name_the_flag_or_field(s4, tmp_path, capsys, stage, args,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and needle in err[0], err
     assert not out.exists()
+
+
+def test_stage4_defaults_are_the_calibrated_ones():
+    from curation import quality
+
+    for th in (load_config(None).thresholds, load_config(CONFIGS / "stage4.yaml").thresholds):
+        assert th.quality.max_brisque == quality.DEFAULT_MAX_BRISQUE
+        assert th.compression.min_jpeg_quality == quality.DEFAULT_MIN_JPEG_QUALITY
+        assert th.compression.max_blockiness == quality.DEFAULT_MAX_BLOCKINESS
