@@ -35,6 +35,18 @@ def _get(obj, dotted: str):
     return obj
 
 
+def _png(fig) -> str:
+    """A finished matplotlib figure as base64 PNG (legend, tight layout), closed."""
+    import matplotlib.pyplot as plt
+
+    fig.axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def _hist_png(name: str, values: np.ndarray, kept: np.ndarray, cfg: StageConfig, lines) -> str:
     import matplotlib
 
@@ -50,12 +62,7 @@ def _hist_png(name: str, values: np.ndarray, kept: np.ndarray, cfg: StageConfig,
         ax.axvline(x, color="black", ls="--", lw=1.2)
         ax.text(x, ax.get_ylim()[1] * 0.92, f" {label} {x:g}", fontsize=8)
     ax.set_title(f"{name}  (n={len(values)})", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return _png(fig)
 
 
 def _category_png(t, cfg: StageConfig) -> str | None:
@@ -84,12 +91,7 @@ def _category_png(t, cfg: StageConfig) -> str | None:
     ax.bar(x + 0.2, a, 0.4, label="kept", color="#3b82f6")
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_title("category distribution before / after", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return _png(fig)
 
 
 # Thumbnails: examples per reject reason, kept rows nearest each threshold, duplicate clusters.
