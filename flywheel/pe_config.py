@@ -99,8 +99,9 @@ class PEConfig(LLMJob):
     """Edit annotations (.jsonl / .parquet / .lance) summarised into concise editing prompts; None = none."""
     edits_id_column: str = "id"
     """Column of `edits` with the pair id (stored as `edit:<id>`)."""
-    edits_text_column: str = "annotation"
-    """Column of `edits` with the long edit annotation."""
+    edits_text_columns: tuple[str, ...] = ("instruction_en", "target_caption")
+    """Columns of `edits` whose non-empty values, joined by blank lines, are the long edit annotation
+    (the default fits the edit-pair table of curation/pair_readers.py: instruction + target caption)."""
     validation_fraction: float = 0.05
     """SFT export: share of ids (by id hash) in the validation split."""
     think_template: str = "<think>\n{cot}\n</think>\n\n{p_fine}"

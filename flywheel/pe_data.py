@@ -226,20 +226,23 @@ def read_edits(cfg: PEConfig) -> list[tuple[str, str]]:
     """(edit:<id>, annotation) pairs from cfg.edits (.jsonl / .parquet / Lance)."""
     import polars as pl
 
-    path, cols = cfg.edits, [cfg.edits_id_column, cfg.edits_text_column]
+    path = cfg.edits
     try:
         if path.endswith((".jsonl", ".ndjson")):
             df = pl.read_ndjson(path)
         elif path.endswith(".parquet"):
             df = pl.read_parquet(path)
         else:
-            df = pl.from_arrow(lance.dataset(path).to_table())
+            ds = lance.dataset(path)
+            df = pl.from_arrow(ds.to_table(columns=[c for c in (cfg.edits_id_column, *cfg.edits_text_columns)
+                                                    if c in ds.schema.names]))
     except Exception as e:  # noqa: BLE001 - any reader error: name the setting
         raise ConfigError(f"edits: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    for field_name, col in zip(("edits_id_column", "edits_text_column"), cols, strict=True):
+    for field_name, col in [("edits_id_column", cfg.edits_id_column), *(("edits_text_columns", c) for c in cfg.edits_text_columns)]:
         if col not in df.columns:
             raise ConfigError(f"{field_name}: {path} has no column {col!r} (columns: {', '.join(df.columns)})")
-    return [(f"edit:{i}", text) for i, text in df.select(cols).iter_rows()]
+    return [(f"edit:{i}", "\n\n".join(t.strip() for t in texts if t and t.strip()))
+            for i, *texts in df.select([cfg.edits_id_column, *cfg.edits_text_columns]).iter_rows()]
 
 
 def iter_items(ds: lance.LanceDataset, edits: list[tuple[str, str]], stored: dict[str, str],

@@ -168,7 +168,7 @@ def test_strategy_draws_are_seeded_and_follow_the_config(captions, tmp_path):
     assert a.equals(b)
 
 
-def test_edit_annotations_become_concise_prompts(captions, tmp_path):
+def test_edit_annotations_become_concise_prompts(captions, tmp_path, capsys):
     uri, ids = captions
     edits = tmp_path / "edits.jsonl"
     notes = {"e1": "Replace the red boat on the left with a yellow kayak. Keep the cabin, the lake and the light unchanged.",
@@ -177,7 +177,8 @@ def test_edit_annotations_become_concise_prompts(captions, tmp_path):
     edits.write_text("\n".join(json.dumps({"pair": k, "annotation": v}) for k, v in notes.items()))
     out = str(tmp_path / "pe.lance")
     with ScriptedServer(answer({"starry night": "over Mount Fuji"})) as server:
-        assert build(uri, out, server.url, "--edits", str(edits), "--set", "edits_id_column=pair") == 0
+        assert build(uri, out, server.url, "--edits", str(edits), "--set", "edits_id_column=pair",
+                     "--set", "edits_text_columns=[annotation]") == 0
     rows = rows_of(out)
     assert len(rows) == len(ids) + 3
     e1, e2, e3 = (rows[f"edit:{k}"] for k in notes)
@@ -186,6 +187,7 @@ def test_edit_annotations_become_concise_prompts(captions, tmp_path):
     assert e2["status"] == "ok" and '"GRAND OPENING"' in e2["p_short"]
     assert e3["status"] == "rejected" and "'Mount Fuji' not in P_fine" in e3["error"]
     assert build(uri, out, "http://127.0.0.1:9/v1", "--edits", str(edits)) == 2  # no column 'id': named, before work
+    assert "edits_id_column" in capsys.readouterr().err
 
 
 def test_failed_requests_and_outage_resume_without_loss(captions, tmp_path, capsys):
