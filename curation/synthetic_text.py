@@ -329,7 +329,10 @@ def photo_crop(rng, im: Image.Image, w: int, h: int) -> Image.Image:
 
 class PhotoPool:
     """Background photos: the kept rows of a curated table (``--backgrounds``) or the sample photos
-    shipped in scikit-image / scikit-learn. Decoded lazily per worker process, cached."""
+    shipped in scikit-image / scikit-learn. Decoded lazily per worker process; the last ``CACHE``
+    decoded table photos are kept."""
+
+    CACHE = 64
 
     def __init__(self, table: str | None, version: int | None, row_ids: list[int], ids: list[str],
                  rotate: list[int], storage_options: dict | None = None):
@@ -373,6 +376,8 @@ class PhotoPool:
 
             ds = lance.dataset(self.table, version=self.version, storage_options=self.storage_options)
             (data,) = read_images(ds, [self.row_ids[i]])
+            if len(self._cache) >= self.CACHE:  # bounded: a pool of 10k photos must not all stay decoded
+                self._cache.pop(next(iter(self._cache)))
             self._cache[i] = load_image(data, self.rotate[i], short_side=1024)
         return self._cache[i], f"{self.table}#{self.ids[i]}"
 
@@ -672,9 +677,10 @@ def render_task(batch: pa.Table, cfg: SyntheticTextConfig, seed: int, photos: Ph
     import ray
 
     done = ray.get(done_ref) if done_ref is not None else None
-    idx = [int(i) for i in batch.column("id").to_pylist()]
+    idx = np.asarray(batch.column("id").to_numpy(), np.int64)
     if done is not None:
-        idx = [i for i in idx if i not in done]
+        idx = idx[~np.isin(idx, done)]
+    idx = idx.tolist()
     frags = []
     if idx:
         rows = render_rows(idx, cfg, seed, _cached_pool(photos), render_hash)
@@ -833,7 +839,7 @@ def run_synthesis(output: str, n: int, cfg: SyntheticTextConfig, backgrounds: st
         ctx.enable_progress_bars = progress
         ctx.verbose_progress = False
         print(f"[{SOURCE}] rendering {todo} of {n} (seed {seed}; {n - todo} already in {output})", flush=True)
-        done_ref = ray.put(set(done.tolist())) if len(done) else None
+        done_ref = ray.put(np.sort(done)) if len(done) else None  # ~8 bytes per committed render
         written = ray.data.range(n, override_num_blocks=max(1, min(n // cfg.batch_size, 64))).map_batches(
             render_task, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.cpus_per_worker,
             fn_kwargs={"cfg": cfg, "seed": seed, "photos": photos, "render_hash": render_hash,

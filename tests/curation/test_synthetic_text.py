@@ -157,7 +157,8 @@ def test_killed_job_rerun_loses_and_duplicates_nothing(ray_local, tmp_path):
     cmd = JOB + ["--output", str(out), "--n", "12", "--seed", "2", "--commit-every", "1", "--num-cpus", "1",
                  "--no-progress", "--no-report"] + [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=ROOT)
+                         # a busy machine can take longer than Ray's default 60 s to register the raylet
+                         env=dict(os.environ, PYTHONUNBUFFERED="1", RAY_raylet_start_wait_time_s="180"), cwd=ROOT)
     deadline, seen = time.time() + 240, []
     for line in p.stdout:
         seen.append(line)
