@@ -227,14 +227,19 @@ def _maintain_indices(tbl, cfg: IndexConfig, n: int, changed: bool) -> str:
         tbl.optimize()  # folds new rows into the FTS (and vector) index
     if n < cfg.ivf_min_rows:
         return "exact"
-    dim = tbl.schema.field("text_vector").type.list_size
-    parts = max(1, n // cfg.rows_per_partition)
     for col in VECTORS:
         built = have.get(col)
         if built is None or (built.num_indexed_rows or 0) * 2 <= n:
-            tbl.create_index(metric="cosine", vector_column_name=col, index_type="IVF_PQ", num_partitions=parts,
-                             num_sub_vectors=_sub_vectors(dim, cfg.sub_vector_dim), replace=True)
-    return f"IVF_PQ ({parts} partitions)"
+            vector_index(tbl, col, cfg, n)
+    return f"IVF_PQ ({max(1, n // cfg.rows_per_partition)} partitions)"
+
+
+def vector_index(tbl, col: str, cfg: IndexConfig, n: int) -> None:
+    """IVF_PQ (cosine) on `col`, sized from the row count."""
+    dim = tbl.schema.field(col).type.list_size
+    tbl.create_index(metric="cosine", vector_column_name=col, index_type="IVF_PQ",
+                     num_partitions=max(1, n // cfg.rows_per_partition),
+                     num_sub_vectors=_sub_vectors(dim, cfg.sub_vector_dim), replace=True)
 
 
 def _sub_vectors(dim: int, sub: int) -> int:
