@@ -169,24 +169,34 @@ def test_strategy_draws_are_seeded_and_follow_the_config(captions, tmp_path):
 
 
 def test_edit_annotations_become_concise_prompts(captions, tmp_path, capsys):
+    """Edit pairs in the stage-2 pair table's schema (curation/pair_readers.py): instruction_en +
+    target_caption make the annotation, summarised without random degradation."""
+    import pyarrow as pa
+
+    from curation.pair_readers import PAIR_ITEM_SCHEMA
+
     uri, ids = captions
-    edits = tmp_path / "edits.jsonl"
     notes = {"e1": "Replace the red boat on the left with a yellow kayak. Keep the cabin, the lake and the light unchanged.",
              "e2": "Add the words \"GRAND OPENING\" on the sign. Keep everything else as it is.",
              "e3": "Turn the sky into a starry night. Keep the cabin."}
-    edits.write_text("\n".join(json.dumps({"pair": k, "annotation": v}) for k, v in notes.items()))
+    target = "A wooden cabin beside a lake at night."
+    pairs = [{"id": k, "instruction_en": v, "target_caption": target if k == "e1" else None} for k, v in notes.items()]
+    edits = str(tmp_path / "pairs.lance")
+    lance.write_dataset(pa.Table.from_pylist(pairs, schema=PAIR_ITEM_SCHEMA), edits)
     out = str(tmp_path / "pe.lance")
     with ScriptedServer(answer({"starry night": "over Mount Fuji"})) as server:
-        assert build(uri, out, server.url, "--edits", str(edits), "--set", "edits_id_column=pair",
-                     "--set", "edits_text_columns=[annotation]") == 0
+        assert build(uri, out, server.url, "--edits", edits) == 0
     rows = rows_of(out)
     assert len(rows) == len(ids) + 3
     e1, e2, e3 = (rows[f"edit:{k}"] for k in notes)
     assert e1["task"] == "edit" and e1["status"] == "ok" and e1["strategies"] == [] and e1["cot"] is None
-    assert e1["p_fine"] == notes["e1"] and e1["p_short"] == "Replace the red boat on the left with a yellow kayak"
+    assert e1["p_fine"] == notes["e1"] + "\n\n" + target and e2["p_fine"] == notes["e2"]
+    assert e1["p_short"] == "Replace the red boat on the left with a yellow kayak"
     assert e2["status"] == "ok" and '"GRAND OPENING"' in e2["p_short"]
     assert e3["status"] == "rejected" and "'Mount Fuji' not in P_fine" in e3["error"]
-    assert build(uri, out, "http://127.0.0.1:9/v1", "--edits", str(edits)) == 2  # no column 'id': named, before work
+    jsonl = tmp_path / "edits.jsonl"
+    jsonl.write_text(json.dumps({"pair": "x", "instruction_en": "Make it red."}) + "\n")
+    assert build(uri, out, "http://127.0.0.1:9/v1", "--edits", str(jsonl)) == 2  # no column 'id': named, before work
     assert "edits_id_column" in capsys.readouterr().err
 
 
