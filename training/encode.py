@@ -273,10 +273,10 @@ def run_encode(s: EncodeSettings, progress: bool = True) -> dict:
 
 
 def caption_counts(lat: lance.LanceDataset, txt: lance.LanceDataset, cap: lance.LanceDataset | None) -> dict:
-    """What reached the text table: variants per kind/lang, and the T2I images by captioning outcome:
-    ``captioned`` (caption variants encoded), ``failed`` (captioning failed) and ``missing`` (not in
-    the captions table) fall back to their alt text; ``no_text`` have neither, so T2I never draws
-    them."""
+    """What reached the text table: variants per kind/lang; the T2I images by captioning outcome
+    (``captioned``: caption variants encoded; ``failed``: captioning failed; ``missing``: not in the
+    captions table); ``alt_text_fallback``: failed or missing images that train on their alt text;
+    ``no_text``: images with neither, which T2I never draws."""
     import duckdb
 
     con = duckdb.connect()
@@ -290,8 +290,9 @@ def caption_counts(lat: lance.LanceDataset, txt: lance.LanceDataset, cap: lance.
             SELECT l.id, any_value(c.caption_status) AS status,
                    count(t.kind) FILTER (WHERE t.kind <> 'alt') AS captions, count(t.kind) FILTER (WHERE t.kind = 'alt') AS alt
             FROM lat l LEFT JOIN cap c USING (id) LEFT JOIN txt t USING (id) GROUP BY l.id)
-        SELECT CASE WHEN captions > 0 THEN 'captioned' WHEN alt = 0 THEN 'no_text'
-                    WHEN status IS NULL THEN 'missing' ELSE 'failed' END, count(*) FROM per GROUP BY 1""").fetchall()
-    by_outcome = dict.fromkeys(("captioned", "failed", "missing", "no_text"), 0) | dict(outcome)
+        SELECT CASE WHEN captions > 0 THEN 'captioned' WHEN status IS NULL THEN 'missing' ELSE 'failed' END,
+               count(*), count(*) FILTER (WHERE captions = 0 AND alt > 0), count(*) FILTER (WHERE captions = 0 AND alt = 0)
+        FROM per GROUP BY 1""").fetchall()
+    by_outcome = dict.fromkeys(("captioned", "failed", "missing"), 0) | {o: n for o, n, _, _ in outcome}
     return {"caption_variants": dict(variants), "images_by_caption": by_outcome,
-            "alt_text_fallback": by_outcome["failed"] + by_outcome["missing"]}
+            "alt_text_fallback": sum(f for _, _, f, _ in outcome), "no_text": sum(x for _, _, _, x in outcome)}
