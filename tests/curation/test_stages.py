@@ -142,6 +142,7 @@ def test_stage4_chained_on_stage1_reads_kept_rows_with_lineage(chain, alone):
     assert mine == theirs
     # CLIP did not run again: the embeddings are stage 1's; sizes came with them.
     assert "resolution" in summary.reused and "broken" in summary.reused
+    assert kept[EMBEDDING].null_count() == 0  # stage 1 stored the embedding of its CLIP pass
     e_child = dict(zip(child["id"], child[EMBEDDING].to_list(), strict=True))
     e_parent = dict(zip(kept["id"], kept[EMBEDDING].to_list(), strict=True))
     assert e_child == e_parent
@@ -150,6 +151,15 @@ def test_stage4_chained_on_stage1_reads_kept_rows_with_lineage(chain, alone):
     assert {r["id"]: r["reject_reason"] for r in child.iter_rows(named=True)} == {i: ref[i] for i in child["id"]}
     # Stage 1's scores travel down (nsfw was skipped there, so it has none to pass on).
     assert child["clip_score"].to_list() == [dict(zip(kept["id"], kept["clip_score"]))[i] for i in child["id"]]
+
+
+def test_stage5_on_stage4_table_decides_from_copied_sizes(chain, s4):
+    _, s4_out, _ = chain
+    kept = lance.dataset(str(s4_out)).count_rows(filter="keep = true")
+    s = run_stage(str(s4_out), str(s4["tmp"] / "s5.lance"), load_config(CONFIGS / "stage5.yaml"),
+                  progress=False, report=False)
+    # Nothing decoded or scored: the sizes come with the rows; every 576 px photo is under 2048.
+    assert set(s.reused) == {"broken", "resolution"} and s.reasons == {"resolution": kept}
 
 
 def test_stage6_from_stored_scores_semdedup_and_balance(chain, s4, tmp_path):
