@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from flywheel.config import FailureRule, SignalSource
 from flywheel.schema import CASES, SIGNAL_REJECTS, SOURCES, TASKS
@@ -53,18 +61,12 @@ class Signal(BaseModel):
     generated_image: bytes | None = None
     source_image: bytes | None = None
 
-    @field_validator("source")
+    @field_validator("source", "task")
     @classmethod
-    def _source(cls, v: str) -> str:
-        if v not in SOURCES:
-            raise ValueError(f"expected one of {', '.join(SOURCES)}")
-        return v
-
-    @field_validator("task")
-    @classmethod
-    def _task(cls, v: str) -> str:
-        if v not in TASKS:
-            raise ValueError(f"expected one of {', '.join(TASKS)}")
+    def _choice(cls, v: str, info: ValidationInfo) -> str:
+        allowed = {"source": SOURCES, "task": TASKS}[info.field_name]
+        if v not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
         return v
 
     @field_validator("category")

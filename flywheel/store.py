@@ -14,7 +14,6 @@ from collections.abc import Iterable
 
 import lancedb
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from flywheel.schema import KEYS, TABLES
 
@@ -92,18 +91,3 @@ def delete_keys(tbl, keys: list[str]) -> int:
     if present:
         tbl.delete(f"{key} IN ({_in_list(present)})")
     return len(present)
-
-
-def count(tbl, where: str | None = None) -> int:
-    return tbl.count_rows(where)
-
-
-def column(t: pa.Table, name: str) -> list:
-    return t[name].to_pylist() if name in t.column_names else [None] * t.num_rows
-
-
-def nonnull(a: pa.ChunkedArray) -> int:
-    return len(a) - a.null_count if a is not None else 0
-
-
-__all__ = ["connect", "open_table", "upsert", "read", "existing", "delete_keys", "sha1", "count", "pc"]
