@@ -29,32 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from training.config import ParallelConfig  # noqa: E402
+from training.flops import GPU_PEAK_TFLOPS, cpu_peak_tflops, train_flops_per_sample  # noqa: E402
 from training.flow import FlowArgs, flow_loss  # noqa: E402
 from training.mmdit import MMDiT, count_params, make_args  # noqa: E402
 from training.parallelize import parallelize  # noqa: E402
-
-# Dense bf16 peak of common accelerators (TFLOP/s, no sparsity), matched on the device name.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def cpu_peak_tflops() -> float:
-    """Stated CPU peak: cores x 2.5 GHz x 32 fp32 FLOP/cycle (two 8-lane AVX2 FMA units)."""
-    return (os.cpu_count() or 1) * 2.5e9 * 32 / 1e12
-
-
-def train_flops_per_sample(model: MMDiT, t_img: int, t_txt: int) -> tuple[float, float, float]:
-    """(honest training FLOPs, of which attention, naive 6*N*T) for one sample."""
-    a = model.args
-    matmul = attn = 0.0
-    for b in model.blocks:
-        def tok_params(s):  # weights applied per token (modulation is per sample, norms ~free)
-            return sum(m.weight.numel() for n, m in s.named_modules() if isinstance(m, torch.nn.Linear) and n != "mod")
-
-        matmul += 2 * (tok_params(b.img) * t_img + tok_params(b.txt) * t_txt)
-        t_q = t_img if b.last else t_img + t_txt
-        attn += 4 * t_q * (t_img + t_txt) * a.dim  # QK^T and PV, 2 FLOPs per MAC each
-    naive = 6 * count_params(model) * (t_img + t_txt) + 3 * attn
-    return 3 * (matmul + attn), 3 * attn, naive
 
 
 def run(model, opt, batch, fa, steps, device, dtype):

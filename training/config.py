@@ -101,6 +101,45 @@ class ParallelConfig:
     """Recompute each block's activations in backward (saves memory, costs ~1/3 more compute)."""
     compile: bool = False
     """torch.compile each block (per-block so FSDP2's hooks stay outside the graph)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend: inductor (GPU runs); aot_eager traces the same graphs (Dynamo + AOTAutograd)
+    without Inductor's code generation, which takes minutes on CPU (tests)."""
+
+
+# Fixed validation prompts: both languages, plain scenes and text rendering (quoted text to draw).
+VALIDATION_PROMPTS: tuple[str, ...] = (
+    "A red fox sitting in fresh snow at sunrise, soft light, detailed fur",
+    "A poster with the words \"OPEN 24 HOURS\" in bold white letters on a blue background",
+    "A hand-written note on yellow paper that says \"Meet me at 7pm\"",
+    "一只橘猫躺在窗台上晒太阳，水彩画风格",
+    "一家咖啡店的招牌，上面写着“欢迎光临”，木质背景",
+    "一张海报，标题为“春节快乐”，红色背景，金色汉字",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationConfig:
+    every: int = 0
+    """Sample the validation prompts with the EMA weights every this many steps (and at the last step);
+    0 disables. Images go to <run>/validation/step_*/ and validation.html."""
+    prompts: tuple[str, ...] = VALIDATION_PROMPTS
+    """Fixed prompts (encoded once per run with the cache's condition encoder)."""
+    euler_steps: int = 20
+    """Euler steps of the validation sampler."""
+    cfg_scale: float = 4.0
+    """Classifier-free guidance scale of the validation sampler."""
+    seed: int = 0
+    """Noise seed: the same noise at every validation step, so images are comparable across steps."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonitorConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files to <run>/tensorboard/ beside metrics.jsonl (rank 0)."""
+    timestep_buckets: int = 4
+    """Log the loss per timestep bucket: [0, 1) cut into this many equal bins of the progress t."""
+    peak_tflops: float | None = None
+    """Per-device peak for MFU; None: looked up from the GPU name (bf16 dense), or the stated CPU peak."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,8 +162,11 @@ class TrainConfig:
     max_failures: int = 3
     """Worker failures Ray Train recovers from by restarting from the latest checkpoint."""
     init_from: str | None = None
-    """A previous stage's checkpoint directory: its model (and EMA) weights start this stage; the
-    optimizer and schedule start fresh. Ignored when this run resumes from its own checkpoint."""
+    """A previous stage's checkpoint directory (or run dir: its latest step_*): its weights start this
+    stage; the optimizer and schedule start fresh. Ignored when this run resumes from its own checkpoint."""
+    init_from_ema: bool = True
+    """Start from init_from's EMA weights (the EMA also starts there); false: its raw model weights.
+    A checkpoint without an EMA fails naming this field."""
     fault_injection_step: int | None = None
     """Testing failure recovery: rank 1 raises before this step on a run that did not resume."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -133,6 +175,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self):
         validate(self)
@@ -183,6 +227,14 @@ def validate(c: TrainConfig):
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(o.grad_clip > 0, "optim.grad_clip", "must be > 0")
     _check(c.parallel.mixed_precision in ("bf16", "fp32"), "parallel.mixed_precision", "must be 'bf16' or 'fp32'")
+    _check(c.parallel.compile_backend in ("inductor", "aot_eager", "eager"), "parallel.compile_backend",
+           "must be inductor, aot_eager or eager")
+    v = c.validation
+    _check(v.every >= 0, "validation.every", "must be >= 0 (0 disables)")
+    _check(len(v.prompts) > 0 or v.every == 0, "validation.prompts", "needs at least one prompt")
+    _check(v.euler_steps > 0, "validation.euler_steps", "must be > 0")
+    _check(c.monitor.timestep_buckets >= 1, "monitor.timestep_buckets", "must be >= 1")
+    _check(c.monitor.peak_tflops is None or c.monitor.peak_tflops > 0, "monitor.peak_tflops", "must be > 0")
     if c.parallel.mixed_precision == "bf16":
         _check(c.use_gpu, "parallel.mixed_precision", "bf16 needs use_gpu (CPU/gloo runs use fp32)")
 

@@ -68,19 +68,56 @@ def per_channel_t(ts: torch.Tensor, tz: torch.Tensor, x: torch.Tensor, semantic_
     return _broadcast(tz, x) * (1 - is_sem) + _broadcast(ts, x) * is_sem
 
 
-def flow_loss(model, x1, text, text_mask, a: FlowArgs, generator=None, refs=None, null_text=None):
+@dataclass(frozen=True)
+class FlowDraw:
+    """The random inputs of one loss evaluation: noise [B, C, H, W], progress t [B], caption dropout [B]."""
+
+    noise: torch.Tensor
+    t: torch.Tensor
+    drop: torch.Tensor
+
+
+def draw(x1_shape, a: FlowArgs, num_tokens: int, seeds) -> FlowDraw:
+    """Noise, timestep and dropout per sample, each from its own seed, so a sample's draw does not
+    depend on how the batch is split into micro-batches or over ranks (gradient accumulation then
+    gives the same step as one big batch)."""
+    noise, t, drop = [], [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        noise.append(torch.randn(tuple(x1_shape[1:]), generator=g))
+        t.append(sample_t(1, a, num_tokens, g))
+        drop.append(torch.rand(1, generator=g) < a.caption_dropout)
+    return FlowDraw(torch.stack(noise), torch.cat(t), torch.cat(drop))
+
+
+def flow_loss(model, x1, text, text_mask, a: FlowArgs, generator=None, refs=None, null_text=None,
+              fixed: FlowDraw | None = None, record: dict | None = None):
     """One flow-matching loss on clean latents x1 [B, C, H, W].
 
     ``null_text`` (states, mask) of the empty prompt replaces the caption with probability
-    ``caption_dropout`` (unconditional dropout for CFG). Returns (loss, parts dict of floats).
+    ``caption_dropout`` (unconditional dropout for CFG). The random inputs are ``fixed`` (see
+    :func:`draw`) or drawn from ``generator``. Returns (loss, parts dict of detached scalars); a
+    ``record`` dict receives the per-sample progress ``t`` and loss ``sample_loss`` (for the loss per
+    timestep bucket).
+
+    SeFi: where ``t_s`` is clamped to 1 the semantic channels enter clean, so their target
+    ``x1 - noise`` is pure unpredictable noise (about 11 % of samples at shift 1, delta 0.3); those
+    channels get no loss (masked; the semantic MSE is the mean over the unmasked samples). The sampler
+    never uses that velocity either: its semantic step ``dt_s`` is 0 once ``t_s = 1``. Texture clamped
+    at ``t_z = 0`` keeps its loss: the input is then the noise itself, so the target is the ordinary
+    ``t = 0`` flow-matching target, and the sampler uses it on the first texture step.
     """
     b = x1.shape[0]
     p = model.args.patch_size if hasattr(model, "args") else 2
     tokens = (x1.shape[2] // p) * (x1.shape[3] // p)
-    noise = torch.randn(x1.shape, generator=generator).to(x1)
-    t = sample_t(b, a, tokens, generator).to(x1.device)
+    if fixed is None:
+        noise = torch.randn(x1.shape, generator=generator)
+        t = sample_t(b, a, tokens, generator)
+        drop = torch.rand(b, generator=generator) < a.caption_dropout
+        fixed = FlowDraw(noise, t, drop)
+    noise, t = fixed.noise.to(x1), fixed.t.to(x1.device)
     if null_text is not None and a.caption_dropout > 0:
-        drop = (torch.rand(b, generator=generator) < a.caption_dropout).to(x1.device)
+        drop = fixed.drop.to(x1.device)
         L = max(text.shape[1], null_text[0].shape[1])
         text, text_mask = _pad_text(text, text_mask, L)
         null_text = _pad_text(*null_text, L)
@@ -96,12 +133,23 @@ def flow_loss(model, x1, text, text_mask, a: FlowArgs, generator=None, refs=None
     v = model(xt, t_in, text, text_mask, refs)
     err = (v.float() - (x1 - noise).float()) ** 2
     if not a.sefi:
-        loss = err.mean()
-        return loss, {"loss": loss.detach()}
-    sc = a.semantic_channels
-    tex, sem = err[:, :-sc].mean(), err[:, -sc:].mean()
-    loss = tex + a.semantic_loss_weight * sem
-    return loss, {"loss": loss.detach(), "loss_texture": tex.detach(), "loss_semantic": sem.detach()}
+        per = err.flatten(1).mean(1)
+        loss = per.mean()
+        parts = {"loss": loss.detach()}
+    else:
+        sc = a.semantic_channels
+        tex_s = err[:, :-sc].flatten(1).mean(1)
+        keep = (ts < 1).float()  # semantic channels whose timestep is not clamped to 1
+        sem_s = err[:, -sc:].flatten(1).mean(1) * keep
+        tex = tex_s.mean()
+        sem = sem_s.sum() / keep.sum().clamp(min=1)
+        loss = tex + a.semantic_loss_weight * sem
+        per = tex_s + a.semantic_loss_weight * sem_s
+        parts = {"loss": loss.detach(), "loss_texture": tex.detach(), "loss_semantic": sem.detach(),
+                 "semantic_masked": 1 - keep.mean()}
+    if record is not None:
+        record["t"], record["sample_loss"] = t.detach(), per.detach()
+    return loss, parts
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, distributed: bool = True)
         if cfg.activation_checkpointing:
             block = checkpoint_wrapper(block, preserve_rng_state=False)  # blocks draw no random numbers
         if cfg.compile:
-            block.compile()  # per block: FSDP2's all-gather hooks stay outside the compiled graphs
+            block.compile(backend=cfg.compile_backend)  # per block: FSDP2's all-gather hooks stay outside the graphs
         model.blocks[i] = block
     if not distributed:
         return model

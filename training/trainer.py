@@ -9,12 +9,14 @@ clip, step, update the EMA, log the all-reduced loss, and every ``ckpt_every`` s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +35,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from training.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
-from training.data import LatentIndex, build_index, fetch_batch, null_text, plan_step
-from training.flow import FlowArgs, euler_sample, flow_loss
+from training.data import LatentIndex, bucket_table, build_index, fetch_batch, nearest_bucket, null_text
+from training.ema import EMA, clean_name
+from training.flops import FlopCounter, device_peak_tflops
+from training.flow import FlowArgs, draw, euler_sample, flow_loss
 from training.mmdit import MMDiT, count_params, make_args
+from training.monitor import Monitor, TimestepBuckets, encode_prompts
 from training.parallelize import parallelize
+from training.plan import MicroPlan, plan_micro_batches
+from training.sefi import STATS_KEY, ensure_semantic_stats, normalize_semantic
 
 
 def flow_args(cfg: TrainConfig, meta: dict) -> FlowArgs:
@@ -89,27 +96,23 @@ def check_against_cache(cfg: TrainConfig, index: LatentIndex) -> None:
 # ---------------------------------------------------------------- checkpoint state
 
 
-def _ema_state(model, ema):
-    return {n: e for (n, _), e in zip(model.named_parameters(), ema, strict=True)}
-
-
-def save_checkpoint(d: str, model, opt, sched, ema, step: int, sample: torch.Tensor | None = None) -> None:
+def save_checkpoint(d: str, model, opt, sched, ema: EMA | None, step: int, extra: dict, sample: torch.Tensor | None = None) -> None:
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=False))
     state = {"model": msd, "optim": osd}
     if ema is not None:
-        state["ema"] = _ema_state(model, ema)
+        state["ema"] = ema.state_dict()
     dcp.save(state, checkpoint_id=d)
     if dist.get_rank() == 0:
-        Path(d, "trainer_state.json").write_text(json.dumps({"step": step, "scheduler": sched.state_dict()}))
+        Path(d, "trainer_state.json").write_text(json.dumps({"step": step, "scheduler": sched.state_dict(), **extra}))
         if sample is not None:
             np.save(Path(d, "sample_latent.npy"), sample.float().cpu().numpy())
 
 
-def load_checkpoint(d: str, model, opt, sched, ema) -> int:
+def load_checkpoint(d: str, model, opt, sched, ema: EMA | None) -> int:
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=False))
     state = {"model": msd, "optim": osd}
     if ema is not None:
-        state["ema"] = _ema_state(model, ema)
+        state["ema"] = ema.state_dict()
     dcp.load(state, checkpoint_id=d)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     ts = json.loads(Path(d, "trainer_state.json").read_text())
@@ -117,14 +120,88 @@ def load_checkpoint(d: str, model, opt, sched, ema) -> int:
     return int(ts["step"])
 
 
-def load_weights(d: str, model, ema) -> None:
-    """Model weights only (stage to stage): resharded by DCP to this run's world size."""
-    msd = get_model_state_dict(model)
-    dcp.load({"model": msd}, checkpoint_id=d)
-    set_model_state_dict(model, msd)
+def load_weights(d: str, model, ema: EMA | None, from_ema: bool) -> None:
+    """Stage to stage: the previous stage's EMA (or raw) weights, resharded by DCP to this run's world
+    size, start both the model and this stage's EMA."""
+    if from_ema:
+        params = {clean_name(n): p.detach() for n, p in model.named_parameters()}
+        dcp.load({"ema": params}, checkpoint_id=d)  # in place into this rank's parameter shards
+    else:
+        msd = get_model_state_dict(model)
+        dcp.load({"model": msd}, checkpoint_id=d)
+        set_model_state_dict(model, msd)
     if ema is not None:
-        with torch.no_grad():
-            torch._foreach_copy_(ema, [p.detach() for p in model.parameters()])
+        ema.copy_from(model)
+
+
+def checkpoint_keys(d: str) -> set[str]:
+    """Top-level keys of a DCP checkpoint (model, optim, ema), from its metadata."""
+    md = dcp.FileSystemReader(d).read_metadata()
+    return {k.split(".", 1)[0] for k in md.state_dict_metadata}
+
+
+# ---------------------------------------------------------------- the step
+
+
+@dataclass
+class MicroBatch:
+    x1: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    refs: list[torch.Tensor] | None
+    seeds: np.ndarray  # one per sample: noise, timestep and dropout (flow.draw)
+
+
+def load_micro_batch(index: LatentIndex, mp: MicroPlan, keep_c: int, max_text_len: int, device, sem_stats: dict | None,
+                     sem_c: int) -> MicroBatch:
+    batch = fetch_batch(index, mp.latent_rows, mp.text_rows, max_text_len, with_ref=mp.ti2i)
+    x1 = normalize_semantic(batch["latent"], sem_stats, sem_c)[:, :keep_c]
+    return MicroBatch(x1.to(device), batch["text"].to(device), batch["text_mask"].to(device),
+                      [batch["ref"].to(device)] if mp.ti2i else None, mp.sample_seeds)
+
+
+def train_step(model, opt, sched, ema: EMA | None, micro_batches: list[MicroBatch], fa: FlowArgs, null, grad_clip: float,
+               buckets: TimestepBuckets | None = None, flops: FlopCounter | None = None, on_micro=None) -> dict:
+    """Forward/backward over the micro-batches, clip, AdamW step, EMA update. Returns the rank-local
+    loss (mean over micro-batches), its parts, the grad norm, the lr used, tokens and FLOPs.
+
+    Gradient sync stays on for every micro-batch: FSDP2 reduce-scatters each micro-batch's gradient
+    and adds it into the sharded ``.grad``, so between micro-steps a rank holds only its gradient
+    shard (4P/N bytes), never the full fp32 gradient (4P). The price is one reduce-scatter per
+    micro-batch instead of one per step (README, "Memory"). ``on_micro(m, model)`` runs after each
+    micro-batch's backward (tests inspect the gradients there).
+    """
+    n = len(micro_batches)
+    p = model.args.patch_size
+    out: dict = {"loss": 0.0, "tokens": 0, "flops": 0.0}
+    for m, mb in enumerate(micro_batches):
+        rec: dict = {}
+        img_tok = (mb.x1.shape[2] // p) * (mb.x1.shape[3] // p)
+        fixed = draw(mb.x1.shape, fa, img_tok, mb.seeds)
+        loss, parts = flow_loss(model, mb.x1, mb.text, mb.text_mask, fa, refs=mb.refs, null_text=null, fixed=fixed, record=rec)
+        (loss / n).backward()
+        for k, v in parts.items():
+            out[k] = out.get(k, 0.0) + v / n
+        if buckets is not None:
+            buckets.add(rec["t"], rec["sample_loss"])
+        all_img = img_tok * (1 + len(mb.refs or []))
+        out["tokens"] += mb.x1.shape[0] * (all_img + mb.text.shape[1])
+        if flops is not None:
+            out["flops"] += mb.x1.shape[0] * flops(all_img, mb.text.shape[1])
+        if on_micro is not None:
+            on_micro(m, model)
+    out["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    out["lr"] = opt.param_groups[0]["lr"]
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(model)
+    return out
+
+
+def _full(x) -> float:
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
 
 
 # ---------------------------------------------------------------- the loop
@@ -140,8 +217,10 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # one CPU per Ray Train worker by default: don't oversubscribe
     meta = index.meta
+    sem_c = int(meta.get("semantic_channels", 0))
     # A SeFi cache trains a plain model too: the semantic channels are then dropped.
-    keep_c = int(meta["latent_channels"]) - (0 if cfg.sefi.enabled else int(meta.get("semantic_channels", 0)))
+    keep_c = int(meta["latent_channels"]) - (0 if cfg.sefi.enabled else sem_c)
+    sem_stats = meta.get(STATS_KEY) if cfg.sefi.enabled else None
     fa = flow_args(cfg, meta)
 
     # Built on the meta device and initialised after sharding (torchtitan style), so no rank ever holds
@@ -151,6 +230,7 @@ def train_loop_per_worker(config: dict) -> None:
     with torch.device("meta"):
         model = build_model(cfg, meta)
     n_params = count_params(model)
+    flops = FlopCounter(model)
     parallelize(model, cfg.parallel, distributed=True)
     model.to_empty(device=device)
     torch.manual_seed(cfg.data.seed + rank)
@@ -159,7 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    ema = [p.detach().clone() for p in model.parameters()] if cfg.ema_decay > 0 else None
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     start = 0
     ckpt = ray.train.get_checkpoint()
@@ -167,87 +247,111 @@ def train_loop_per_worker(config: dict) -> None:
         with ckpt.as_directory() as d:
             start = load_checkpoint(d, model, opt, sched, ema)
     elif cfg.init_from:
-        load_weights(cfg.init_from, model, ema)
+        load_weights(cfg.init_from, model, ema, cfg.init_from_ema)
     null = tuple(t.to(device) for t in null_text(index, cfg.data.max_text_len))
+    extra = {"model_args": dataclasses.asdict(model.args), "flow_args": dataclasses.asdict(fa), "semantic_stats": sem_stats,
+             "vae": meta.get("vae"), "config": config["config"]}
 
     per_rank = cfg.data.global_batch_size // world
     micro = cfg.data.micro_batch_size or per_rank
     n_micro = per_rank // micro
-    p = cfg.model.patch_size
-    t_last, last_logged = time.perf_counter(), start
+    d = cfg.data
+    mon = Monitor(log_path if rank == 0 else None, cfg.monitor.tensorboard, cfg.validation.prompts, meta)
+    buckets = TimestepBuckets(cfg.monitor.timestep_buckets, device)
+    peak = device_peak_tflops(device, cfg.monitor.peak_tflops)
+    window = {"time": 0.0, "steps": 0, "tokens": 0.0, "flops": 0.0, "ti2i": 0.0}
     for step in range(start, cfg.steps):
         if cfg.fault_injection_step is not None and start == 0 and step == cfg.fault_injection_step and rank == min(1, world - 1):
             raise RuntimeError(f"fault_injection_step: injected worker failure before step {step}")
-        plan = plan_step(index, step, cfg.data.global_batch_size, cfg.data.seed, cfg.data.t2i_ratio,
-                         cfg.data.caption_types, cfg.data.languages, cfg.data.caption_kinds)
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        rows, trows = plan.latent_rows[mine], plan.text_rows[mine]
-        loss_sum = torch.zeros((), device=device)
-        parts_sum: dict[str, torch.Tensor] = {}
-        tokens = 0
-        for m in range(n_micro):
-            sl = slice(m * micro, (m + 1) * micro)
-            batch = fetch_batch(index, rows[sl], trows[sl], cfg.data.max_text_len, with_ref=plan.ti2i)
-            x1 = batch["latent"][:, :keep_c].to(device)
-            refs = [batch["ref"].to(device)] if plan.ti2i else None
-            # Noise, timesteps and caption dropout: a pure function of (seed, step, rank, micro-batch).
-            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.data.seed, step, rank, m]).generate_state(1)[0]))
-            if hasattr(model, "set_requires_gradient_sync"):
-                model.set_requires_gradient_sync(m == n_micro - 1)  # reduce-scatter once per step
-            loss, parts = flow_loss(model, x1, batch["text"].to(device), batch["text_mask"].to(device), fa,
-                                    generator=gen, refs=refs, null_text=null)
-            (loss / n_micro).backward()
-            loss_sum += loss.detach() / n_micro
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0) + v / n_micro
-            img_tok = (x1.shape[2] // p) * (x1.shape[3] // p) * (2 if refs else 1)
-            tokens += x1.shape[0] * (img_tok + batch["text"].shape[1])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
-        lr_used = opt.param_groups[0]["lr"]
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [q.detach() for q in model.parameters()], 1 - cfg.ema_decay)
+        t0 = time.perf_counter()
+        plans = plan_micro_batches(index, step, global_batch=d.global_batch_size, micro=micro, seed=d.seed,
+                                   t2i_ratio=d.t2i_ratio, caption_kinds=d.caption_kinds, caption_types=d.caption_types,
+                                   languages=d.languages)
+        mine = plans[rank * n_micro:(rank + 1) * n_micro]
+        mbs = [load_micro_batch(index, mp, keep_c, d.max_text_len, device, sem_stats, sem_c) for mp in mine]
+        res = train_step(model, opt, sched, ema, mbs, fa, null, o.grad_clip, buckets, flops)
+        window["time"] += time.perf_counter() - t0
+        window["steps"] += 1
+        window["tokens"] += res["tokens"]
+        window["flops"] += res["flops"]
+        window["ti2i"] += sum(mp.ti2i for mp in plans) / len(plans)
 
         done = step + 1
         is_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
+        every = cfg.validation.every
+        if every and (done % every == 0 or done == cfg.steps):
+            with ema.applied(model) if ema is not None else contextlib.nullcontext():
+                lat = validation_sample(model, cfg, fa, device, null, config["validation_states"], config["validation_bucket"],
+                                        int(meta.get("vae_factor", 8)), rank, world)
+            if rank == 0:
+                mon.validation_images(done, lat)
         if not (is_ckpt or done % cfg.log_every == 0):
             continue
         # All-reduced (mean over ranks) loss for logging, like DiT's train.py.
-        logged = torch.stack([loss_sum, *parts_sum.values(), torch.tensor(float(tokens), device=device)])
+        part_keys = [k for k in res if k.startswith("loss") or k == "semantic_masked"]
+        logged = torch.tensor([float(res[k]) for k in part_keys] + [window["tokens"], window["flops"], window["time"]],
+                              device=device, dtype=torch.float64)
         dist.all_reduce(logged)
-        now = time.perf_counter()
-        steps_since = done - last_logged
-        metrics = {"step": done, "loss": logged[0].item() / world, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                   "lr": lr_used, "ti2i": plan.ti2i, "bucket": f"{plan.bucket[0]}x{plan.bucket[1]}",
-                   "tokens_per_s": logged[-1].item() * steps_since / max(1e-9, now - t_last),
-                   "samples_per_s": cfg.data.global_batch_size * steps_since / max(1e-9, now - t_last),
-                   "non_embedding_params": n_params, "resumed_from": start}
-        for i, k in enumerate(parts_sum):
-            metrics[k] = logged[1 + i].item() / world
-        t_last, last_logged = now, done
+        dist.all_reduce(buckets.sums)
+        secs = logged[-1].item() / world  # mean wall time of the training steps since the last log
+        metrics = {"step": done, **{k: logged[i].item() / world for i, k in enumerate(part_keys)},
+                   "grad_norm": _full(res["grad_norm"]), "lr": res["lr"], "ti2i_fraction": window["ti2i"] / window["steps"],
+                   "tokens_per_s": logged[-3].item() / secs, "samples_per_s": d.global_batch_size * window["steps"] / secs,
+                   "tflops_per_s_per_device": logged[-2].item() / secs / world / 1e12,
+                   "non_embedding_params": n_params, "resumed_from": start, **buckets.metrics(buckets.sums)}
+        if peak:
+            metrics["mfu"] = metrics["tflops_per_s_per_device"] / peak
+        buckets.reset()
+        window = dict.fromkeys(window, 0.0)
         if rank == 0:
-            parts_txt = "".join(f" {k} {metrics[k]:.4f}" for k in parts_sum if k != "loss")
+            parts_txt = "".join(f" {k} {metrics[k]:.4f}" for k in part_keys if k != "loss")
+            mfu_txt = f" mfu {metrics['mfu']:.3f}" if "mfu" in metrics else ""
             print(f"[{cfg.name}] step {done}/{cfg.steps} loss {metrics['loss']:.4f}{parts_txt} grad_norm {metrics['grad_norm']:.3f} "
-                  f"lr {metrics['lr']:.2e} {metrics['bucket']}{' ti2i' if plan.ti2i else ''} tokens/s {metrics['tokens_per_s']:,.0f}",
-                  flush=True)
-            if log_path:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                  f"lr {metrics['lr']:.2e} ti2i {metrics['ti2i_fraction']:.2f} tokens/s {metrics['tokens_per_s']:,.0f}"
+                  f"{mfu_txt}", flush=True)
+            mon.log(metrics)
         # Ray Train reports are a barrier across workers: only at checkpoints (the jsonl log has every
         # logged step).
         if is_ckpt:
-            sample = smoke_sample(model, index, cfg, fa, device, null) if done == cfg.steps else None
-            with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(d, model, opt, sched, ema, done, sample)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step_{done:08d}")
+            sample = None
+            if done == cfg.steps:
+                with ema.applied(model) if ema is not None else contextlib.nullcontext():
+                    sample = smoke_sample(model, index, cfg, fa, device, null)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, model, opt, sched, ema, done, extra, sample)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{done:08d}")
+    mon.close()
+
+
+def validation_sample(model, cfg: TrainConfig, fa: FlowArgs, device, null, states: list[np.ndarray], bucket: tuple[int, int],
+                      vae_factor: int, rank: int, world: int) -> torch.Tensor | None:
+    """The validation prompts, split over the ranks (FSDP needs every rank in each forward), sampled
+    with the same per-prompt noise every time; the latents are gathered on rank 0."""
+    n = len(states)
+    k = -(-n // world)
+    mine = [min(i, n - 1) for i in range(rank * k, (rank + 1) * k)]  # the last rank pads with repeats
+    L = max(len(states[i]) for i in mine)
+    text = torch.zeros(k, L, states[0].shape[1])
+    mask = torch.zeros(k, L, dtype=torch.bool)
+    for j, i in enumerate(mine):
+        text[j, : len(states[i])] = torch.from_numpy(states[i].astype(np.float32))
+        mask[j, : len(states[i])] = True
+    shape = (model.args.in_channels, bucket[0] // vae_factor, bucket[1] // vae_factor)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(cfg.validation.seed * 100003 + i)) for i in mine])
+    model.eval()
+    x = euler_sample(model, noise.to(device), text.to(device), mask.to(device), null, fa,
+                     steps=cfg.validation.euler_steps, cfg=cfg.validation.cfg_scale)
+    model.train()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, x.float().cpu())
+    if rank != 0:
+        return None
+    return torch.cat(gathered)[[r * k + j for r in range(world) for j in range(k) if r * k + j < n]]
 
 
 def smoke_sample(model, index: LatentIndex, cfg: TrainConfig, fa: FlowArgs, device, null) -> torch.Tensor:
     """A 2-image Euler/CFG sample of the first caption at the most common bucket (all ranks run it:
-    FSDP needs every rank in each forward)."""
+    FSDP needs every rank in each forward); the caller swaps the EMA weights in."""
     keys, pools, probs = index.pools(False)
     b = int(np.argmax(probs))
     r = int(pools[b][0])
@@ -277,17 +381,30 @@ def resolve_init_from(path: str) -> str:
 
 
 def fit(cfg: TrainConfig, data: str, storage: str, log_path: str | None = None):
-    """Build the index (Ray Data), check it against the config, and run the TorchTrainer. Rerunning
-    with the same ``storage`` and ``cfg.name`` resumes from the latest checkpoint."""
+    """Check the config against the cache (and init_from), build the index (Ray Data), encode the
+    validation prompts, and run the TorchTrainer. Rerunning with the same ``storage`` and ``cfg.name``
+    resumes from the latest checkpoint."""
     if cfg.init_from:
         cfg = dataclasses.replace(cfg, init_from=resolve_init_from(cfg.init_from))
+        if cfg.init_from_ema and "ema" not in checkpoint_keys(cfg.init_from):
+            raise ConfigError(f"init_from_ema: {cfg.init_from} holds no EMA weights (its run had ema_decay 0); "
+                              "set init_from_ema=false to start from its raw weights")
+    if cfg.sefi.enabled:
+        try:
+            ensure_semantic_stats(f"{data}/latents.lance")  # caches encoded before the statistics existed
+        except (OSError, ValueError):
+            pass  # no cache there: build_index names --data
     index = build_index(data)
     check_against_cache(cfg, index)
     if log_path:
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    loop_config = {"config": config_to_dict(cfg), "index": index, "log_path": log_path}
+    if cfg.validation.every:
+        loop_config["validation_states"] = encode_prompts(index.meta, cfg.validation.prompts, cfg.use_gpu)
+        loop_config["validation_bucket"] = nearest_bucket(1, 1, bucket_table(cfg.data.resolution, int(index.meta.get("bucket_multiple", 32))))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(cfg), "index": index, "log_path": log_path},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),

@@ -94,4 +94,4 @@ def test_flow_loss_is_zero_for_the_true_velocity_and_reports_sefi_parts():
     text, mask = torch.randn(3, 2, 3), torch.ones(3, 2, dtype=torch.bool)
     a = FlowArgs(sefi=True, semantic_channels=2, caption_dropout=0.0)
     loss, parts = flow_loss(Cheat(), x1, text, mask, a, generator=torch.Generator().manual_seed(0))
-    assert loss.item() < 1e-6 and set(parts) == {"loss", "loss_texture", "loss_semantic"}
+    assert loss.item() < 1e-6 and set(parts) == {"loss", "loss_texture", "loss_semantic", "semantic_masked"}
