@@ -102,7 +102,8 @@ def flow_loss(model, x1, text, text_mask, a: FlowArgs, generator=None, refs=None
 
     SeFi: where ``t_s`` is clamped to 1 the semantic channels enter clean, so their target
     ``x1 - noise`` is pure unpredictable noise (about 11 % of samples at shift 1, delta 0.3); those
-    channels get no loss (masked; the semantic MSE is the mean over the unmasked samples). The sampler
+    channels get no loss (masked: they add 0 to the semantic MSE, which stays a mean over all samples,
+    so splitting a batch into micro-batches gives the same gradient). The sampler
     never uses that velocity either: its semantic step ``dt_s`` is 0 once ``t_s = 1``. Texture clamped
     at ``t_z = 0`` keeps its loss: the input is then the noise itself, so the target is the ordinary
     ``t = 0`` flow-matching target, and the sampler uses it on the first texture step.
@@ -142,7 +143,7 @@ def flow_loss(model, x1, text, text_mask, a: FlowArgs, generator=None, refs=None
         keep = (ts < 1).float()  # semantic channels whose timestep is not clamped to 1
         sem_s = err[:, -sc:].flatten(1).mean(1) * keep
         tex = tex_s.mean()
-        sem = sem_s.sum() / keep.sum().clamp(min=1)
+        sem = sem_s.mean()  # masked samples count 0: a sum over samples, so micro-batching is exact
         loss = tex + a.semantic_loss_weight * sem
         per = tex_s + a.semantic_loss_weight * sem_s
         parts = {"loss": loss.detach(), "loss_texture": tex.detach(), "loss_semantic": sem.detach(),
