@@ -23,6 +23,9 @@ from captioning.config import ConfigError, load_config
 from captioning.pipeline import CommitFailed, run
 from captioning.report import stat_lines
 
+# One line on stderr and a status per way of stopping (captioning/README.md, "Exit status").
+EXIT_STATUS: dict[type[Exception], int] = {ConfigError: 2, ServerUnreachable: 2, ServerGone: 3, CommitFailed: 4}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -59,15 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = dataclasses.replace(cfg, report=cfg.output.rstrip("/") + ".report.html")
         summary = run(cfg)
-    except (ConfigError, ServerUnreachable) as e:
+    except tuple(EXIT_STATUS) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ServerGone as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except CommitFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
+        return next(code for kind, code in EXIT_STATUS.items() if isinstance(e, kind))
     for line in summary.lines() + (stat_lines(summary.stats) if summary.stats else []):
         print(line)
     return 0
