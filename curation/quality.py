@@ -109,7 +109,7 @@ def _grid_excess(d: np.ndarray, block: int) -> float:
 def blockiness(img: Image.Image, block: int = 8) -> float:
     """Blocking-artefact score of decoded pixels: how much stronger luma edges are on one phase of
     a ``block``-pixel grid than elsewhere, mean of the horizontal and vertical excess. ~0 for
-    natural or smooth images, ~0.1 for a q75 JPEG, > 0.5 for q10 — and it stays there when the
+    natural or smooth images, 0.1-0.2 for a q75 JPEG, ~0.3-0.4 for q50, > 1 for q10 — and it stays there when the
     file is re-saved at q95 or as PNG (the tables then say "high quality").
 
     Give it pixels on the file's own grid at full resolution (the defaults are calibrated there):
