@@ -67,7 +67,10 @@ def main() -> None:
     t0 = time.perf_counter()
     tbl, vecs = None, []
     for t, v in batches(args.n, args.dim, centres, seed=1):
-        tbl = db.create_table("bench", t) if tbl is None else (tbl.add(t) or tbl)
+        if tbl is None:
+            tbl = db.create_table("bench", t)
+        else:
+            tbl.add(t)
         vecs.append(v.astype(np.float16))  # ground truth in half precision keeps 1M x 768 at 1.5 GB
     data = np.concatenate(vecs)
     print(f"wrote {args.n:,} rows x {args.dim} d in {time.perf_counter() - t0:.1f}s", flush=True)
