@@ -145,7 +145,15 @@ def _covering_pairs(h: np.ndarray, d: int, s: int) -> Iterator[tuple[np.ndarray,
     for key in covering(s, d):
         x, y = sorted_pairs(permute(h, key), BLOCK_BITS * s, d)
         if len(x):
-            yield _ordered(np.searchsorted(h, permute(x, key, True)), np.searchsorted(h, permute(y, key, True)))
+            ij = _index_of(h, np.concatenate([permute(x, key, True), permute(y, key, True)]))
+            yield _ordered(ij[: len(x)], ij[len(x):])
+
+
+def _index_of(h: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Positions of ``values`` in sorted ``h``. The queries are sorted first: binary searches in
+    increasing order reuse the cache, random ones miss on every level once ``h`` outgrows it."""
+    u, inv = np.unique(values, return_inverse=True)
+    return np.searchsorted(h, u)[inv]
 
 
 def _ordered(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -350,7 +358,8 @@ def distributed_pairs(hashes: np.ndarray, d: int, how: tuple[str, int] | None = 
                        fn_kwargs={"key_sets": keys, "key_bits": BLOCK_BITS * s, "d": d}))
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
         if len(batch["x"]):
-            yield _ordered(np.searchsorted(h, batch["x"]), np.searchsorted(h, batch["y"]))
+            ij = _index_of(h, np.concatenate([batch["x"], batch["y"]]))
+            yield _ordered(ij[: len(batch["x"])], ij[len(batch["x"]):])
 
 
 # --------------------------------------------------------------------------- public API
