@@ -217,6 +217,10 @@ class Thresholds:
 class StageConfig:
     stage: str = "stage1"
     """Stage name written on every row; an output table holds one stage only."""
+    source: str = "web"
+    """Source tag written on every row (``source`` column; the training mixture caps each source's
+    share, curation/mixture.py): ``web``, ``synthetic:<kind>``, ``edit:<name>``, ... A chained stage
+    keeps its parent row's tag."""
     filters: tuple[str, ...] = STAGE1_CHAIN
     """The stage's filters in chain order (names in ``curation.filters.FILTERS``; ``broken``
     first). The first failing one is a row's ``reject_reason``."""
@@ -238,8 +242,11 @@ class StageConfig:
     def threshold_hash(self) -> str:
         """Hash of the rules of this stage's filters only (a rule of a filter not in the chain
         decides nothing)."""
+        from .filters import FILTERS
+
         th = dataclasses.asdict(self.thresholds)
-        return _hash({name: th[name] for name in self.filters if name in th})
+        secs = [FILTERS[n].th(n) if n in FILTERS else n for n in self.filters]
+        return _hash({sec: th[sec] for sec in secs if sec in th})
 
     @property
     def skippable(self) -> tuple[str, ...]:

@@ -52,7 +52,7 @@ def local_pass(v: Cols, cfg: StageConfig) -> tuple[np.ndarray, np.ndarray, dict[
         rule = FILTERS[name].rule
         if rule is None:
             continue
-        got = rule(v, getattr(th, name, None))
+        got = rule(v, getattr(th, FILTERS[name].th(name), None))
         fails, rot = got if isinstance(got, tuple) else (got, None)
         fails = np.asarray(fails, bool) & ~skip[name]
         if rot is not None:
@@ -106,7 +106,7 @@ def global_pass(batches, cfg: StageConfig) -> GlobalRejections:
         data = {c: np.concatenate([d[c] for _, d in parts]) for c in parts[0][1]}
         alive = ~np.isin(keys, gone)  # rows an earlier global filter rejected are not candidates
         keys, data = keys[alive], {c: a[alive] for c, a in data.items()}
-        rejected, cols = FILTERS[name].decide_global(data, getattr(cfg.thresholds, name), cfg)
+        rejected, cols = FILTERS[name].decide_global(data, getattr(cfg.thresholds, FILTERS[name].th(name)), cfg)
         rejected = np.asarray(rejected, bool)
         rej_keys.append(keys[rejected])
         rej_reason.append(np.full(int(rejected.sum()), name, object))

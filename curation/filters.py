@@ -337,6 +337,12 @@ class Filter:
     """The scoring settings its scores depend on (``cfg.scoring`` -> dict), for reuse across stages."""
     plots: tuple[tuple[str, str, str], ...] = ()
     """(score column, threshold field, label): threshold lines the report draws on histograms."""
+    section: str | None = None
+    """The ``thresholds`` section its rule reads (default: its name). Per-image filters of a pair
+    stage (``source_resolution``, ``target_resolution``) share one section."""
+
+    def th(self, name: str) -> str:
+        return self.section or name
 
 
 def _ws(s) -> dict:
@@ -427,3 +433,9 @@ def models_for(cfg, active: tuple[str, ...], embeddings_carried: bool, clip_skip
         if name == "balance" and not cfg.scoring.category.column:
             need.append("clip")  # the taxonomy's text embeddings
     return tuple(dict.fromkeys(need))
+
+# Stage-2 pair filters (curation/stage2_filters.py) share this dict, so the decision pass, --rethreshold and
+# the report treat them like any other filter. Imported last: they are built from Filter and Cols.
+from .stage2_filters import pair_filters  # noqa: E402
+
+FILTERS.update(pair_filters())

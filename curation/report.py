@@ -11,6 +11,7 @@ import os
 
 import lance
 import numpy as np
+import pyarrow as pa
 
 from .config import StageConfig
 from .filters import FILTERS
@@ -25,7 +26,7 @@ def score_plots(cfg: StageConfig) -> dict[str, list[tuple[str, str]]]:
             if c not in ("error", "category") and c != "phash":
                 out.setdefault(c, [])
         for col, attr, label in f.plots:
-            out[col].append((f"{name}.{attr}", label))
+            out[col].append((f"{f.th(name)}.{attr}", label))
     return out
 
 
@@ -196,6 +197,8 @@ def write_report(uri: str, cfg: StageConfig, summary, storage_options: dict | No
     figs = []
     for c in cols:
         col = t.column(c)
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+            continue  # a text score (e.g. a pair's instruction_language): counted by reject reason
         valid = col.is_valid().to_numpy(zero_copy_only=False)
         if not valid.any():
             figs.append(f"<div class='fig'><h4>{c}</h4><p>not computed (skipped or no input)</p></div>")

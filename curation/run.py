@@ -171,7 +171,8 @@ def _table_meta(cfg: StageConfig, score_hash: str, skipped: tuple[str, ...], pla
     return meta
 
 
-def check_output(uri: str, cfg: StageConfig, score_hash: str, storage_options: dict | None = None) -> int:
+def check_output(uri: str, cfg: StageConfig, score_hash: str, storage_options: dict | None = None,
+                 schema: pa.Schema = SCORING_SCHEMA) -> int:
     """Rows already in ``uri`` (0 if absent); ConfigError if it holds another schema, stage or
     scoring config (mixing would make its scores incomparable)."""
     ds = _open(uri, storage_options)
@@ -179,7 +180,7 @@ def check_output(uri: str, cfg: StageConfig, score_hash: str, storage_options: d
         if os.path.exists(uri) and os.listdir(uri):
             raise ConfigError(f"--output: {uri} exists and is not a Lance table")
         return 0
-    missing = [n for n in SCORING_SCHEMA.names if n not in ds.schema.names]
+    missing = [n for n in schema.names if n not in ds.schema.names]
     if missing:
         raise ConfigError(f"--output: {uri} holds a table with another schema (missing columns: "
                           f"{', '.join(missing[:5])}); choose another --output")

@@ -61,6 +61,7 @@ DECISION_FIELDS: dict[str, tuple[pa.DataType, str]] = {
 BASE_FIELDS: dict[str, tuple[pa.DataType, str]] = {
     "id": (pa.string(), "stable id: sha1(source + key)[:20]"),
     "uri": (pa.string(), "where the item came from (path, tar#member, table#row)"),
+    "source": (pa.string(), "source tag for mixture quotas (config 'source': web, synthetic:text, edit:<name>, ...)"),
     "caption": (pa.string(), "the item's original text (alt text / .txt / caption column)"),
     "content_hash": (pa.string(), "sha256 of the raw file bytes (exact dedup)"),
     "width": (pa.int32(), "width after EXIF orientation"),

@@ -23,7 +23,7 @@ from .readers import read_json_caption
 from .schema import EMBEDDING, scoring_schema
 
 # Columns of a previous stage's row that describe the file itself, copied as they are.
-FILE_COLUMNS = ("content_hash", "width", "height", "format", "exif_orientation", "error")
+FILE_COLUMNS = ("content_hash", "width", "height", "format", "exif_orientation", "error", "source")
 PARENT_PREFIX = "parent."
 
 
@@ -143,6 +143,7 @@ class StageScorer:
                 caption = _read_caption(col["caption_path"][i])
             out["caption"][i] = caption
             out["stage"][i], out["score_config_hash"][i] = self.cfg.stage, self.score_hash
+            out["source"][i] = out["source"][i] or self.cfg.source  # a parent row's tag is kept
             out["skipped"][i], out["scored_at"][i] = list(self.skipped), now
             if col["error"][i]:
                 out["error"][i] = col["error"][i]
