@@ -3,8 +3,9 @@
     ray job submit --working-dir . -- python jobs/train.py --config configs/train/pretrain_256.yaml \
         --data data/cache_256 --workers 64 --gpu
 
-Checkpoints, the metrics log (metrics.jsonl: loss, grad norm, lr, tokens/s), a smoke sample and an
-HTML report (report.html) go to <storage>/<name>/. Rerunning the same command resumes from the latest checkpoint; worker failures
+Checkpoints, the metrics log (metrics.jsonl: loss, loss per timestep bucket, grad norm, lr, tokens/s,
+MFU), TensorBoard event files, validation images with their page (validation.html), a smoke sample and
+an HTML report (report.html) go to <storage>/<name>/. Rerunning the same command resumes from the latest checkpoint; worker failures
 restart from it automatically (max_failures).
 """
 
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.checkpoint and local:
         png = write_sample_png(result.checkpoint.path, a.data, Path(storage, cfg.name, "sample.png"))
         summary["sample"] = png
+    for key, name in (("validation", "validation.html"), ("tensorboard", "tensorboard")):
+        if Path(log_path).with_name(name).exists():
+            summary[key] = str(Path(log_path).with_name(name))
     if Path(log_path).is_file():
         from training.report import write_report
 
