@@ -103,3 +103,29 @@ def edit_instruction_rows(pair_texts: pa.Table, pair_rows: pa.Table) -> pa.Table
     """The instruction rows with each pair's source-image row address (``ref_addr``), joined on id."""
     addr = dict(zip(pair_rows.column("id").to_pylist(), pair_rows.column("ref_addr").to_pylist(), strict=True))
     return pair_texts.append_column("ref_addr", pa.array([addr[i] for i in pair_texts.column("id").to_pylist()], pa.uint64()))
+
+
+def reads_images(text_encoder: str) -> bool:
+    """Whether the condition encoder is a VLM with an image processor (then edit instructions are
+    encoded with their source image); a text-only encoder encodes them as plain text."""
+    from transformers import AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(_resolve(text_encoder, "--text-encoder"))
+    except (OSError, ValueError, FileNotFoundError):
+        return False
+    return getattr(proc, "image_processor", None) is not None and "<|vision_end|>" in proc.tokenizer.get_vocab()
+
+
+def edit_instructions_dataset(s, curated_version: int, pair_texts: pa.Table, pair_rows: pa.Table, num_gpus: float):
+    """Ray Data pipeline of the encode job (``training/encode.py``) for the instruction rows, each read
+    with its source image by :class:`EditInstructionEncoder` on an actor pool."""
+    import ray
+
+    rows = edit_instruction_rows(pair_texts, pair_rows)
+    return ray.data.from_arrow(rows).map_batches(
+        EditInstructionEncoder, fn_constructor_args=(s.text_encoder, s.curated, curated_version, s.device, s.text_layer, s.max_text_len),
+        batch_size=s.batch_size, batch_format="pyarrow", concurrency=s.concurrency, num_gpus=num_gpus,
+        # No CPU reserved: it runs beside the caption actor pool, and on a small node two pools that each
+        # hold a CPU leave none for the read and write tasks (Ray Data then waits forever).
+        num_cpus=0)

@@ -31,9 +31,11 @@ import torch
 
 from captioning.schema import SCHEMA as CAPTIONS_SCHEMA
 from captioning.schema import TRAINING_COLUMNS
+from training.conditioning import edit_instructions_dataset, reads_images
 from training.data import bucket_table, image_variants, nearest_bucket, resize_to_bucket
 from training.encoders import VAE, SemanticEncoder, TextEncoder
 from training.latents_schema import latent_schema, read_metadata, text_schema, to_bytes
+from training.sefi import compute_semantic_stats, store_semantic_stats
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,16 +252,23 @@ def run_encode(s: EncodeSettings, progress: bool = True) -> dict:
         ds = ds.map_batches(ImageEncoder, fn_constructor_args=(s, cur.version), batch_size=s.batch_size, batch_format="pyarrow",
                             concurrency=s.concurrency, num_gpus=gpus)
         ds.write_lance(lat_uri, schema=latent_schema(prov), mode="overwrite")
+        if s.semantic_channels:  # SeFi: per-channel statistics for the trainer's normalisation (training/sefi.py)
+            store_semantic_stats(lat_uri, compute_semantic_stats(lat_uri))
     if txt_done:
         summary["skipped"].append("text")
     else:
         ds = limit(ray.data.read_lance(s.curated, columns=["id", "caption"], filter=keep, version=cur.version))
         ds = ds.map_batches(_explode_captions, batch_format="pyarrow",
                             fn_kwargs={"captions": s.captions, "captions_version": cap_ver})
-        if pair_texts is not None and pair_texts.num_rows:
+        # Edit instructions are read with their source image by a VLM encoder (report §3.2,
+        # training/conditioning.py); a text-only encoder reads them as plain text.
+        with_image = pair_texts is not None and pair_texts.num_rows and reads_images(s.text_encoder)
+        if pair_texts is not None and pair_texts.num_rows and not with_image:
             ds = ds.union(ray.data.from_arrow(pair_texts))
         ds = ds.map_batches(CaptionEncoder, fn_constructor_args=(s,), batch_size=s.batch_size, batch_format="pyarrow",
                             concurrency=s.concurrency, num_gpus=gpus)
+        if with_image:
+            ds = ds.union(edit_instructions_dataset(s, cur.version, pair_texts, pair_rows, gpus))
         null = pa.table({"id": [""], "kind": ["null"], "lang": ["und"], "text": [""], "length": pa.array([len(null_states)], pa.int32()),
                          "states": pa.array([to_bytes(null_states)], pa.large_binary())})
         ds = ds.union(ray.data.from_arrow(null))

@@ -19,7 +19,11 @@ import tiny  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"vae": str(tiny.make_tiny_vae(root / "vae")), "text": str(tiny.make_tiny_qwen_vl(root / "qwen")),
+    from captioning.testing import build_tiny_qwen2vl
+
+    # The condition encoder is a VLM with its processor: edit instructions are encoded with the source
+    # image (training/conditioning.py). Hidden size 64.
+    return {"vae": str(tiny.make_tiny_vae(root / "vae")), "text": str(build_tiny_qwen2vl(root / "qwen")),
             "semantic": str(tiny.make_tiny_dinov2(root / "dino"))}
 
 

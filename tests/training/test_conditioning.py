@@ -31,3 +31,30 @@ def test_instruction_states_depend_on_the_source_image_and_exclude_image_tokens(
 def test_an_encoder_without_image_processor_is_refused_naming_the_flag(tmp_path):
     with pytest.raises(FileNotFoundError, match="^--text-encoder"):
         EditEncoder.load(str(tmp_path))
+
+
+def test_encode_job_reads_edit_instructions_with_their_source_image_and_stores_semantic_stats(cache, tiny_models, source_tables):
+    """The cache (jobs/encode_latents.py on the tiny tables): the instruction rows hold exactly what the
+    edit encoder gives for (instruction, source image); the SeFi statistics are in the metadata."""
+    import io
+
+    import lance
+    from PIL import Image
+
+    from training.latents_schema import from_bytes, read_metadata
+    from training.sefi import STATS_KEY
+
+    txt = lance.dataset(f"{cache['dir']}/text.lance").to_table(filter="kind = 'instruction'").to_pylist()
+    assert len(txt) == 6
+    r = sorted(txt, key=lambda r: r["id"])[0]
+    source = r["id"].split("|")[1]
+    cur = lance.dataset(source_tables["curated"])
+    addr = cur.to_table(columns=["id"], filter=f"id = '{source}'", with_row_address=True).column("_rowaddr").to_pylist()
+    with cur.take_blobs("image", addresses=addr)[0] as f:
+        img = Image.open(io.BytesIO(f.readall()))
+        img.load()
+    want = EditEncoder.load(tiny_models["text"], max_len=64).encode([r["text"]], [img])[0]
+    got = from_bytes(r["states"], (r["length"], want.shape[1])).astype("float32")
+    assert got.shape == want.shape and abs(got - want).max() < 1e-2  # fp16 storage
+    stats = read_metadata(lance.dataset(f"{cache['dir']}/latents.lance").schema)[STATS_KEY]
+    assert len(stats["mean"]) == len(stats["std"]) == 2 and min(stats["std"]) > 0

@@ -70,7 +70,7 @@ def test_provenance_recorded_and_rerun_is_skipped_without_duplicates(cache, enco
 
     md = read_metadata(lance.dataset(f"{cache['dir']}/latents.lance").schema)
     assert md["curated_version"] == lance.dataset(source_tables["curated"]).version
-    assert md["resolution"] == 64 and md["latent_channels"] == 6 and md["semantic_channels"] == 2 and md["text_dim"] == 32
+    assert md["resolution"] == 64 and md["latent_channels"] == 6 and md["semantic_channels"] == 2 and md["text_dim"] == 64
     before = lance.dataset(f"{cache['dir']}/text.lance").count_rows()
     again = run_encode(encode_settings, progress=False)
     assert again["skipped"] == ["latents", "text"]
