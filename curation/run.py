@@ -197,12 +197,14 @@ def check_output(uri: str, cfg: StageConfig, score_hash: str, storage_options: d
     return ds.count_rows()
 
 
-def _expand(batch: dict, source: Source, done_ref, batch_rows: int):
+def _expand(batch: dict, source: Source, done_ref, batch_rows: int, expand=expand_unit):
+    """Ray task: read units (files, shards, fragments) into not-yet-committed rows; ``expand`` is the
+    reader's ``expand_unit`` (images: curation.readers; edit pairs: curation.pair_readers)."""
     import ray
 
     done = ray.get(done_ref) if done_ref is not None else None
     for unit in batch["unit"]:
-        for rows in expand_unit(source, str(unit), batch_rows):
+        for rows in expand(source, str(unit), batch_rows):
             rows = drop_done(rows, done)
             if rows.num_rows:
                 yield rows

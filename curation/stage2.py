@@ -26,7 +26,7 @@ from . import pairs
 from .config import NsfwRule, ResolutionRule, Scoring, StageConfig
 from .decode import decode
 from .filters import FILTERS, MODELS
-from .pair_readers import PairColumns, PairSource, drop_done, expand_unit, read_pair_images, resolve_pairs
+from .pair_readers import PairColumns, expand_unit, read_pair_images, resolve_pairs
 from .stage2_filters import SIDES, PairBatch
 from .stage2_schema import PAIR_SCORING_SCHEMA
 
@@ -234,17 +234,6 @@ def pair_score_task(batch: pa.Table, **kw) -> pa.Table:
     return _TASK[key](batch)
 
 
-def _expand(batch: dict, source: PairSource, done_ref, batch_rows: int):
-    import ray
-
-    done = ray.get(done_ref) if done_ref is not None else None
-    for unit in batch["unit"]:
-        for rows in expand_unit(source, str(unit), batch_rows):
-            rows = drop_done(rows, done)
-            if rows.num_rows:
-                yield rows
-
-
 # --------------------------------------------------------------------------- the driver
 def run_pair_stage(pairs_spec: str, output: str, cfg: PairStageConfig, skipped: tuple[str, ...] = (),
                    commit_every: int = 10_000, columns: PairColumns | None = None, progress: bool = True,
@@ -256,7 +245,7 @@ def run_pair_stage(pairs_spec: str, output: str, cfg: PairStageConfig, skipped: 
     from ray.data import DataContext
 
     from .decide import apply_decisions
-    from .run import RunSummary, _open, check_output, commit_fragments
+    from .run import RunSummary, _expand, _open, check_output, commit_fragments
 
     t0 = time.time()
     if commit_every < 1:
@@ -286,7 +275,7 @@ def run_pair_stage(pairs_spec: str, output: str, cfg: PairStageConfig, skipped: 
     units = ray.data.from_items([{"unit": u} for u in source.units], override_num_blocks=len(source.units))
     done_ref = ray.put(done) if done is not None and len(done) else None
     items = units.map_batches(_expand, batch_size=1, fn_kwargs={"source": source, "done_ref": done_ref,
-                                                                 "batch_rows": cfg.batch_size})
+                                                                 "batch_rows": cfg.batch_size, "expand": expand_unit})
     kwargs = {"cfg": cfg, "skipped": skipped, "active": active, "output_uri": output, "score_hash": score_hash,
               "storage_options": storage_options}
     if set(models) - {"tokens"}:
