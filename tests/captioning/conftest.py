@@ -149,6 +149,7 @@ class TcpProxy:
     def __init__(self, target_port: int, port: int = 0):
         self.target_port, self.port = target_port, port
         self.accepted = 0
+        self.requests = 0  # chat requests relayed (keep-alive connections carry many)
         self._socks: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -176,12 +177,13 @@ class TcpProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self._lock:
                 self._socks |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, up), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         try:
             while data := src.recv(65536):
+                self.requests += upstream and data.count(b"POST /v1/chat/completions")
                 dst.sendall(data)
         except OSError:
             pass
@@ -194,6 +196,10 @@ class TcpProxy:
 
     def stop(self) -> None:
         if self._listener is not None:
+            try:  # close() alone leaves the port listening while accept() blocks in another thread
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
             self._listener = None
         with self._lock:

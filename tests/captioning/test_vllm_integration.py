@@ -172,7 +172,7 @@ def test_outage_in_front_of_the_real_server_pauses_and_every_row_ends_without_co
     proc = subprocess.Popen(caption_cli(curated, output, proxy.url, config=cut), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while proxy.accepted < 12 and proc.poll() is None and time.monotonic() < deadline:
+    while proxy.requests < 12 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before the outage"
     proxy.stop()
