@@ -21,7 +21,9 @@ from training.encode import EncodeSettings, run_encode  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--curated", required=True, help="curated Lance table (curation/schema.py)")
+    ap.add_argument("--curated", help="curated Lance table (curation/schema.py)")
+    ap.add_argument("--mixture", help="instead of --curated: a training mixture from jobs/build_mixture.py "
+                                      "(curation/mixture.py): its T2I rows and its TI2I edit pairs")
     ap.add_argument("--captions", help="optional captions Lance table written by jobs/caption.py (captioning/schema.py)")
     ap.add_argument("--out", required=True, help="cache directory: gets latents.lance and text.lance")
     ap.add_argument("--vae", required=True, help="diffusers AutoencoderKL / AutoencoderKLQwenImage: local dir or id")
@@ -37,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="run the encoders on CUDA")
     ap.add_argument("--limit", type=int, help="encode only the first N kept rows (smoke runs)")
     a = ap.parse_args(argv)
-    s = EncodeSettings(curated=a.curated, captions=a.captions, out=a.out, vae=a.vae, text_encoder=a.text_encoder,
+    if bool(a.curated) == bool(a.mixture):
+        ap.error("give one of --curated or --mixture")
+    # A mixture is both the image table and the edit-pair table (rows with source_id + instruction).
+    s = EncodeSettings(curated=a.curated or a.mixture, edit_pairs=a.mixture, captions=a.captions, out=a.out, vae=a.vae, text_encoder=a.text_encoder,
                        text_layer=a.text_layer, max_text_len=a.max_text_len, semantic_encoder=a.semantic_encoder,
                        semantic_channels=a.semantic_channels, resolution=a.resolution, bucket_multiple=a.bucket_multiple,
                        batch_size=a.batch_size, concurrency=a.concurrency, device="cuda" if a.gpu else "cpu", limit=a.limit)
