@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import lance
 import pyarrow as pa
 
+from common import storage
+
 from .config import ConfigError, StageConfig
 from .decide import apply_decisions
 from .filters import FILTERS, column_identities, embedding_identity, models_for
@@ -242,6 +244,7 @@ def run_stage(input_spec: str, output: str, cfg: StageConfig, skipped: tuple[str
     from ray.data import DataContext
 
     t0 = time.time()
+    storage_options = storage_options if storage_options is not None else storage.storage_options(output)
     if commit_every < 1:
         raise ConfigError(f"--commit-every must be >= 1, got {commit_every}")
     # A resumed chained run reads the parent version it started from, whatever the parent has now.
@@ -371,6 +374,7 @@ def rethreshold(output: str, cfg: StageConfig, report: bool = True,
     """Re-decide keep/reject_reason from the stored scores with ``cfg.thresholds``: no decoding,
     no models; a new table version."""
     t0 = time.time()
+    storage_options = storage_options if storage_options is not None else storage.storage_options(output)
     try:
         ds = lance.dataset(output, storage_options=storage_options)
     except (ValueError, OSError, FileNotFoundError):

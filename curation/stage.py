@@ -19,7 +19,7 @@ import pyarrow as pa
 from .config import StageConfig
 from .decode import decode, encode_jpeg
 from .filters import FILTERS, MODELS, ROTATION_DETECTORS, Batch
-from .readers import read_json_caption
+from .readers import read_bytes, read_json_caption
 from .schema import EMBEDDING, scoring_schema
 
 # Columns of a previous stage's row that describe the file itself, copied as they are.
@@ -72,8 +72,7 @@ def preflight(cfg: StageConfig, plan: Plan) -> dict[str, int]:
 
 def _read(path: str | None) -> tuple[bytes | None, str | None]:
     try:
-        with open(path, "rb") as f:
-            return f.read(), None
+        return read_bytes(path), None  # a local path or an object-store URI (common.storage)
     except OSError as e:
         return None, f"unreadable file: {type(e).__name__}: {e.strerror or e}"
 
