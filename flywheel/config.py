@@ -143,6 +143,15 @@ class LLMConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PromptEnhancerConfig:
+    server: str | None = None
+    """OpenAI-compatible server serving the prompt enhancer (§3.3; trained on `jobs/build_pe_data.py`'s
+    export); null = cases routed to the prompt track wait as `awaiting_enhancer`."""
+    model: str = "prompt-enhancer"
+    """Served PE model name (not `llm.model`: the PE is its own fine-tuned model)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     neighbours: int = 16
     """Pool items retrieved per pre-training case (edit pairs included when the pool has them)."""
@@ -176,6 +185,7 @@ class FlywheelConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    prompt_enhancer: PromptEnhancerConfig = field(default_factory=PromptEnhancerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     review: ReviewConfig = field(default_factory=ReviewConfig)
     report: str | None = None
@@ -226,8 +236,9 @@ def validate(cfg: FlywheelConfig) -> FlywheelConfig:
     for name, s in cfg.signals.items():
         if s.source not in SOURCES:
             raise ConfigError(f"signals.{name}.source = {s.source!r}: expected one of {', '.join(SOURCES)}")
-    if cfg.llm.server is not None and not cfg.llm.server.startswith(("http://", "https://")):
-        raise ConfigError(f"llm.server = {cfg.llm.server!r}: expected an http(s) URL or null")
+    for name, url in (("llm.server", cfg.llm.server), ("prompt_enhancer.server", cfg.prompt_enhancer.server)):
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{name} = {url!r}: expected an http(s) URL or null")
     for name in [*cfg.pools, *cfg.review.tables]:
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"pools/review.tables name {name!r}: letters, digits, - and _ only (used in URLs)")

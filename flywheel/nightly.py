@@ -28,7 +28,7 @@ from flywheel.llm import LLM
 from flywheel.schema import MIXTURE, RUNS, TABLES
 from flywheel.signals import ingest
 from flywheel.store import connect, delete_keys, existing, open_table, read, sha1, upsert
-from flywheel.tracks import preferences, pretrain, prompt_cases
+from flywheel.tracks import enhance_prompts, preferences, pretrain, prompt_cases
 
 
 def versions(db) -> dict[str, int]:
@@ -59,6 +59,20 @@ def merge_mixture(cfg: FlywheelConfig, db, run_id: str) -> tuple[int, int]:
     added = upsert(mix, pa.Table.from_pylist(rows, schema=MIXTURE))
     removed = delete_keys(mix, [i for i, r in reviews.items() if r["decision"] == "reject"])
     return added, removed
+
+
+def run_enhancer(cfg: FlywheelConfig, db) -> str:
+    """The served prompt enhancer rewrites the cases awaiting it (flywheel/enhance.py). An outage
+    leaves them awaiting for the next night rather than failing the run."""
+    from captioning.client import ServerGone, ServerUnreachable
+    from flywheel.enhance import rewrite_cases
+
+    pe = cfg.prompt_enhancer
+    try:
+        n = enhance_prompts(db, pe.server, pe.model, rewrite_cases)
+    except (ServerUnreachable, ServerGone) as e:
+        return f"prompt enhancer: unreachable, cases stay awaiting ({e})"
+    return f"prompt enhancer: {n} rewrites recorded"
 
 
 @dataclass
@@ -95,6 +109,8 @@ def run_nightly(cfg: FlywheelConfig, progress: bool = False, step_log=print) -> 
     step("pre-training track", lambda: pretrain(cfg, db, emb, llm))
     step("RL track", lambda: f"RL track: {preferences(db)} new preference records")
     step("prompt track", lambda: f"prompt track: {prompt_cases(db)} cases newly await the prompt enhancer")
+    if cfg.prompt_enhancer.server:
+        step("prompt enhancer", lambda: run_enhancer(cfg, db))
     added, removed = step("merge approved items", lambda: merge_mixture(cfg, db, s.run_id))
     s.lines[-1] = f"mixture: {added} approved items merged, {removed} withdrawn"
     after = versions(db)

@@ -104,3 +104,31 @@ def test_prompt_track_call_point_records_rewrites(tmp_path):
     assert (rows["c1"]["status"], rows["c1"]["rewrite"], rows["c1"]["model"]) == (
         "rewritten", "An enhanced, detailed version of: a bus", SERVED)
     assert rows["c2"]["status"] == "failed" and rows["c2"]["rewrite"] is None
+
+
+def test_nightly_prompt_enhancer_step_rewrites_or_leaves_cases_awaiting(tmp_path):
+    """The nightly job's "prompt enhancer" step (run when `prompt_enhancer.server` is set): rewrites
+    recorded while the PE is served; with the server down the cases stay awaiting for the next night."""
+    import pyarrow as pa
+
+    from flywheel.config import load_config
+    from flywheel.nightly import run_enhancer
+    from flywheel.schema import PROMPT_REWRITES
+    from flywheel.store import connect, open_table, upsert
+
+    db = connect(str(tmp_path / "fw.lancedb"))
+    waiting = [dict(case_id=c, prompt=p, status="awaiting_enhancer") for c, p in [("c1", "a bus"), ("c2", "a poster")]]
+    upsert(open_table(db, "prompt_rewrites"), pa.Table.from_pylist(waiting, schema=PROMPT_REWRITES))
+
+    down = load_config(ROOT / "configs" / "flywheel.yaml", {"workdir": str(tmp_path / "fw.lancedb"),
+                       "prompt_enhancer.server": "http://127.0.0.1:9/v1", "prompt_enhancer.model": SERVED})
+    assert run_enhancer(down, db).startswith("prompt enhancer: unreachable, cases stay awaiting")
+    statuses = {r["case_id"]: r["status"] for r in open_table(db, "prompt_rewrites").to_arrow().to_pylist()}
+    assert statuses == {"c1": "awaiting_enhancer", "c2": "awaiting_enhancer"}
+
+    with ScriptedServer(respond) as server:
+        up = load_config(ROOT / "configs" / "flywheel.yaml", {"workdir": str(tmp_path / "fw.lancedb"),
+                         "prompt_enhancer.server": server.url, "prompt_enhancer.model": SERVED})
+        assert run_enhancer(up, db) == "prompt enhancer: 2 rewrites recorded"
+    rows = {r["case_id"]: r for r in open_table(db, "prompt_rewrites").to_arrow().to_pylist()}
+    assert rows["c1"]["rewrite"] == "An enhanced, detailed version of: a bus" and rows["c2"]["status"] == "rewritten"
