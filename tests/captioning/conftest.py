@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
-import socket
-import struct
 import sys
 import threading
 import time
@@ -139,77 +137,6 @@ class ScriptedServer:
         if self.thread.is_alive():
             self.httpd.shutdown()
         self.httpd.server_close()
-
-
-class TcpProxy:
-    """A TCP relay in front of a real server, for outages without restarting it (vLLM takes a minute
-    to start): `stop()` closes the port and resets every open connection (requests in flight die as
-    when the server goes away), `start()` listens on the same port again."""
-
-    def __init__(self, target_port: int, port: int = 0):
-        self.target_port, self.port = target_port, port
-        self.accepted = 0
-        self.requests = 0  # chat requests relayed (keep-alive connections carry many)
-        self._socks: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> TcpProxy:
-        ls = socket.socket()
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("127.0.0.1", self.port))
-        ls.listen(256)
-        self.port, self._listener = ls.getsockname()[1], ls
-        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
-        return self
-
-    def _accept(self, ls: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = ls.accept()
-            except OSError:
-                return  # listener closed by stop()
-            self.accepted += 1
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self._lock:
-                self._socks |= {client, upstream}
-            for a, b, up in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(target=self._pump, args=(a, b, up), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                self.requests += upstream and data.count(b"POST /v1/chat/completions")
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def stop(self) -> None:
-        if self._listener is not None:
-            try:  # close() alone leaves the port listening while accept() blocks in another thread
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            socks, self._socks = self._socks, set()
-        for s in socks:
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
-                s.close()
-            except OSError:
-                pass
 
 
 def kind_of(body: dict[str, Any]) -> str:
