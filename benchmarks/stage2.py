@@ -6,10 +6,10 @@ Pairs: the real-photo edit pairs of ``curation.stage2.write_sample_pairs`` (loca
 no-ops, unrelated pairs, JPEG, long side ``--size``), repeated with distinct keys to ``--n``.
 (a) baseline: ``Image.open(...).convert("RGB")`` of both images of every pair, read from the same
     Parquet file, with a ``multiprocessing`` pool, one process per core;
-(b) ours: the stage-2 model-free filters (broken, both resolutions, instruction language, no-op:
-    pHash + SSIM + changed cells, unrelated, duplicate pairs; ``--skip`` NSFW, direction and the
-    instruction's token count) run by the job through Ray Data on the same cores — Ray start-up,
-    Lance writes and the decision pass included.
+(b) ours: the stage-2 model-free filters (broken = decode of both images at the working size,
+    both resolutions, no-op: pHash + SSIM + changed cells, unrelated, duplicate pairs; ``--skip``
+    NSFW, direction and instruction, which load models or a tokenizer) run by the job through Ray
+    Data on the same cores — Ray start-up, Lance writes and the decision pass included.
 The last line is ``stage2 pairs/decode ratio: X.XX`` = (b) / (a).
 """
 

@@ -274,8 +274,11 @@ def run_pair_stage(pairs_spec: str, output: str, cfg: PairStageConfig, skipped: 
     ctx.enable_progress_bars, ctx.verbose_progress = progress, False
     units = ray.data.from_items([{"unit": u} for u in source.units], override_num_blocks=len(source.units))
     done_ref = ray.put(done) if done is not None and len(done) else None
-    items = units.map_batches(_expand, batch_size=1, fn_kwargs={"source": source, "done_ref": done_ref,
-                                                                 "batch_rows": cfg.batch_size, "expand": expand_unit})
+    # Reading is light: a fraction of a CPU, which also keeps Ray Data from fusing it with scoring
+    # (fused, one pair file would be scored by one task on one core).
+    items = units.map_batches(_expand, batch_size=1, num_cpus=0.25,
+                              fn_kwargs={"source": source, "done_ref": done_ref, "batch_rows": cfg.batch_size,
+                                         "expand": expand_unit})
     kwargs = {"cfg": cfg, "skipped": skipped, "active": active, "output_uri": output, "score_hash": score_hash,
               "storage_options": storage_options}
     if set(models) - {"tokens"}:

@@ -109,3 +109,16 @@ def test_judge_failures_are_recorded_never_fatal():
     assert parse('{"instruction_following": 7, "consistency": 9}') == (7.0, 9.0)
     with pytest.raises(ValueError):
         parse('{"instruction_following": 70, "consistency": 9}')
+
+
+def test_fast_ssim_equals_scikit_image_on_real_photo_pairs():
+    from skimage.metrics import structural_similarity
+
+    from curation import pairs
+    from curation.samples import real_photos
+
+    photos = [(n, im.resize((320, 240))) for n, im in real_photos()][:4]
+    for kind, edit, src, tgt in list(pairs.calibration_pairs(photos, seed=2))[::5]:
+        size = pairs._common_size(src, tgt, pairs.SSIM_SIZE)
+        want = structural_similarity(pairs._grey(src, size), pairs._grey(tgt, size), data_range=255.0)
+        assert pairs.ssim(src, tgt) == pytest.approx(want, abs=1e-9), (kind, edit)
