@@ -7,9 +7,7 @@ validity is the JSON schema's job.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import re
 import statistics
@@ -20,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from captioning.schema import CAPTION_TYPES, ROUTED_TYPES, STATUS_OK
+from common.figures import fig_png
 
 LANGS = ("en", "zh")
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -117,9 +116,7 @@ def stat_lines(stats: dict[str, Any]) -> list[str]:
 
 
 def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return fig_png(fig, dpi=90)
 
 
 def write_report(stats: dict[str, Any], path: str | Path, title: str = "captions") -> Path:
@@ -138,7 +135,6 @@ def write_report(stats: dict[str, Any], path: str | Path, title: str = "captions
             ax.set_xlabel("characters", fontsize=8)
     fig.suptitle("caption length per type and language")
     images.append(("Length distribution", _png(fig)))
-    plt.close(fig)
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     routing = stats["routing"]
@@ -155,7 +151,6 @@ def write_report(stats: dict[str, Any], path: str | Path, title: str = "captions
     axes[2].set_xlim(0, 100)
     axes[2].set_title("quality checks (% of captions)")
     images.append(("Routing, failures, quality checks", _png(fig)))
-    plt.close(fig)
 
     if stats["ocr_agreement"]:
         fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -164,7 +159,6 @@ def write_report(stats: dict[str, Any], path: str | Path, title: str = "captions
         ax.set_ylabel("text captions")
         ax.set_title(f"OCR agreement (n={len(stats['ocr_agreement'])}, flagged {stats['ocr_flagged']})")
         images.append(("OCR agreement of text captions", _png(fig)))
-        plt.close(fig)
 
     body = "".join(f"<li>{html.escape(line)}</li>" for line in stat_lines(stats))
     figs = "".join(f"<h2>{html.escape(h)}</h2><img src='data:image/png;base64,{b64}'/>" for h, b64 in images)

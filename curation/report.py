@@ -13,6 +13,8 @@ import lance
 import numpy as np
 import pyarrow as pa
 
+from common.figures import fig_png
+
 from .config import StageConfig
 from .filters import FILTERS
 
@@ -37,15 +39,9 @@ def _get(obj, dotted: str):
 
 
 def _png(fig) -> str:
-    """A finished matplotlib figure as base64 PNG (legend, tight layout), closed."""
-    import matplotlib.pyplot as plt
-
+    """A finished matplotlib figure (with its legend) as base64 PNG, closed."""
     fig.axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return fig_png(fig)
 
 
 def _hist_png(name: str, values: np.ndarray, kept: np.ndarray, cfg: StageConfig, lines) -> str:

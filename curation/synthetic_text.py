@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from common.figures import fig_png
 from common.typed_config import ConfigError, build, read_yaml, set_dotted
 
 from .synthetic_schema import (
@@ -873,15 +874,7 @@ def rethreshold(output: str, cfg: SyntheticTextConfig, report: bool = True,
 
 # --------------------------------------------------------------------------- report
 def _png(fig) -> str:
-    import base64
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return fig_png(fig)
 
 
 def write_report(uri: str, cfg: SyntheticTextConfig, summary: SynthSummary, storage_options: dict | None = None,

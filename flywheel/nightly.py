@@ -9,9 +9,7 @@ point, started again, finishes the missing writes and ends where an uninterrupte
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import os
 import time
@@ -20,6 +18,7 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
+from common.figures import fig_png
 from flywheel.attribution import attribute
 from flywheel.config import FlywheelConfig
 from flywheel.index import TABLE as INDEX_TABLE
@@ -127,13 +126,7 @@ def run_nightly(cfg: FlywheelConfig, progress: bool = False, step_log=print) -> 
 
 # --------------------------------------------------------------------------- report
 def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return "<img src='data:image/png;base64," + base64.b64encode(buf.getvalue()).decode() + "'>"
+    return "<img src='data:image/png;base64," + fig_png(fig) + "'>"
 
 
 def _bar(title: str, data: dict[str, float], line: float | None = None, label: str = "") -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import lance
 import polars as pl
 
-from captioning.report import _png
+from common.figures import fig_png
 from flywheel.pe_config import CATEGORIES, DIFFICULTIES
 from flywheel.pe_schema import STATUS_OK
 
@@ -62,8 +62,7 @@ def write_report(stats: dict[str, Any], path: str | Path, title: str = "PE data"
     ax.set_xlabel("len(P_short) / len(P_fine)")
     ax.legend()
     ax.set_title("length ratio per difficulty")
-    images.append(("Length ratio P_short / P_fine", _png(fig)))
-    plt.close(fig)
+    images.append(("Length ratio P_short / P_fine", fig_png(fig, dpi=90)))
 
     names = sorted({s for _, s in stats["strategies"]})
     grid = np.array([[stats["strategies"].get((c, s), 0) for c in CATEGORIES] for s in names]).reshape(len(names), len(CATEGORIES))
@@ -74,8 +73,7 @@ def write_report(stats: dict[str, Any], path: str | Path, title: str = "PE data"
     for (i, j), v in np.ndenumerate(grid):
         ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
     ax.set_title("strategies applied per category (ok rows)")
-    images.append(("Strategies per category", _png(fig)))
-    plt.close(fig)
+    images.append(("Strategies per category", fig_png(fig, dpi=90)))
 
     panels = [("languages", "language (ok rows)"), ("categories", "category (ok t2i rows)"),
               ("statuses", "status"), ("reasons", "not ok by reason")]
@@ -85,8 +83,7 @@ def write_report(stats: dict[str, Any], path: str | Path, title: str = "PE data"
         ax.bar(list(data), list(data.values()))
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=30)
-    images.append(("Languages, categories, statuses", _png(fig)))
-    plt.close(fig)
+    images.append(("Languages, categories, statuses", fig_png(fig, dpi=90)))
 
     body = "".join(f"<li>{html.escape(line)}</li>" for line in stat_lines(stats))
     figs = "".join(f"<h2>{html.escape(h)}</h2><img src='data:image/png;base64,{b64}'/>" for h, b64 in images)

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 
+from common.figures import fig_png
+
 
 def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
+    return fig_png(fig, dpi=110)
 
 
 def write_report(metrics_jsonl: str | Path, out: str | Path, title: str, sample_png: str | Path | None = None) -> Path:
@@ -41,7 +40,6 @@ def write_report(metrics_jsonl: str | Path, out: str | Path, title: str, sample_
     ax[2].plot(steps, [last[s]["tokens_per_s"] for s in steps])
     ax[2].set(title="tokens/s (all workers)", xlabel="step")
     plots = _png(fig)
-    plt.close(fig)
     tail = [last[s]["loss"] for s in steps[-10:]]
     summary = {"steps logged": len(steps), "last step": steps[-1], "loss (mean of last 10 logged)": f"{sum(tail) / len(tail):.4f}",
                "restarts from checkpoint at": ", ".join(map(str, restarts)) or "none",
