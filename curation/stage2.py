@@ -274,9 +274,9 @@ def run_pair_stage(pairs_spec: str, output: str, cfg: PairStageConfig, skipped: 
     ctx.enable_progress_bars, ctx.verbose_progress = progress, False
     units = ray.data.from_items([{"unit": u} for u in source.units], override_num_blocks=len(source.units))
     done_ref = ray.put(done) if done is not None and len(done) else None
-    # Reading is light: a fraction of a CPU, which also keeps Ray Data from fusing it with scoring
-    # (fused, one pair file would be scored by one task on one core).
-    items = units.map_batches(_expand, batch_size=1, num_cpus=0.25,
+    # Reading is light: no CPU reserved, so the scorers get every core; the different resources also
+    # keep Ray Data from fusing it with scoring (fused, one pair file is scored on one core).
+    items = units.map_batches(_expand, batch_size=1, num_cpus=0,
                               fn_kwargs={"source": source, "done_ref": done_ref, "batch_rows": cfg.batch_size,
                                          "expand": expand_unit})
     kwargs = {"cfg": cfg, "skipped": skipped, "active": active, "output_uri": output, "score_hash": score_hash,
