@@ -105,6 +105,10 @@ def _thumb(data: bytes | None, rotate: int) -> str | None:
         im = load_image(data, rotate or 0, short_side=_THUMB)
     except ValueError:
         return None
+    # A fresh RGB image, not the decoder's ImageFile: Pillow's save() of an ImageFile resolves the
+    # current directory, which a `ray job submit` driver may no longer have (its working_dir package
+    # can be collected by another node's agent on the same machine) — seen in tests/cluster.
+    im = im.convert("RGB")
     im.thumbnail((_THUMB, _THUMB))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=70)
