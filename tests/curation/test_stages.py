@@ -168,6 +168,9 @@ def test_stage6_from_stored_scores_semdedup_and_balance(chain, s4, tmp_path):
         **{k: v for k, v in s4["tiny"].items() if k != "thresholds.aesthetic.min_score"},
         "thresholds.resolution.min_short_side": 512, "thresholds.clip.min_score": -1.0,
         "thresholds.aesthetic.min_score": -100.0, "thresholds.semdedup.eps": 0.002,
+        # Strict quality cuts (stricter than stage 6's calibrated 45 / 0.30) so that few rows per
+        # category reach the balance step and cap 1 leaves some kept: the mechanics are under test.
+        "thresholds.quality.max_brisque": 35.0, "thresholds.compression.max_blockiness": 0.15,
         "thresholds.balance.cap": 1})
     out = tmp_path / "s6.lance"
     summary = run_stage(str(s4_out), str(out), cfg6, ("nsfw",), progress=False)
