@@ -342,9 +342,27 @@ class ServerCaptioner:
         self._ocr_slot = asyncio.Semaphore(1)  # OCR is CPU work: one image at a time beside the loop
 
     async def caption_type(self, kind: str, image, row_id: str, seed_offset: int = 0) -> Outcome:
-        outs = await asyncio.gather(*(self.client.request(p, image.data, row_id, image.mime, seed_offset)
-                                      for p in self.prompts.parts[kind]))
+        outs = await asyncio.gather(*(self.part(p, image, row_id, seed_offset) for p in self.prompts.parts[kind]))
         return combine_parts(self.prompts, kind, list(outs))
+
+    async def part(self, part: str, image, row_id: str, seed_offset: int = 0) -> Outcome:
+        """One part's answer; an answer still cut at max_tokens after its attempts (the bound doubled
+        up to max_tokens_cap) is asked again as the part's shorter requests (prompts.LEVEL_GROUPS:
+        short + medium, then dense alone), merged into the part's shape."""
+        out = await self.client.request(part, image.data, row_id, image.mime, seed_offset)
+        subs = self.prompts.shorter.get(part)
+        if out.ok or out.error_kind != "length" or not subs:
+            return out
+        outs = await asyncio.gather(*(self.client.request(s, image.data, row_id, image.mime, seed_offset) for s in subs))
+        attempts = out.attempts + sum(o.attempts for o in outs)
+        bad = next((o for o in outs if not o.ok), None)
+        if bad is None:
+            try:
+                return Outcome(part, attempts, *self.prompts.merge(part, [o.text for o in outs]))
+            except InvalidResponse as e:
+                bad = Outcome(part, 0, error_kind=e.kind, error=f"merged shorter requests: {e.detail}")
+        return Outcome(part, attempts, error_kind=bad.error_kind,
+                       error=f"{out.error}; asked again as shorter requests ({', '.join(subs)}): {bad.kind}: {bad.error}")
 
     async def ocr_check(self, out: Outcome, image, row_id: str) -> tuple[Outcome, dict[str, Any]]:
         """Read the image with OCR; below ocr_min_agreement ask for the text caption once more and

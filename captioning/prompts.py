@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,13 @@ from captioning.schema import CAPTION_TYPES, LANGUAGES
 
 ROUTE = "route"
 KINDS: tuple[str, ...] = (ROUTE, *CAPTION_TYPES)
+
+# The shorter requests of an answer still cut at max_tokens_cap: a part whose answer holds, per
+# language, the three caption lengths (the general caption) is asked again as one request for
+# short + medium and one for dense alone; the answers are merged into the part's shape. Dense is
+# most of the output, so it gets a request (and the whole token budget) of its own.
+LEVEL_GROUPS: tuple[tuple[str, ...], ...] = (("short", "medium"), ("dense",))
+ONLY_FIELDS = {"en": "This time write only these fields: {fields}.", "zh": "这次只写这些字段：{fields}。"}
 
 
 class InvalidResponse(ValueError):
@@ -51,6 +58,9 @@ class PromptSet:
     """part or caption type -> JSON schema (sent with every request and checked on every answer)."""
     parts: dict[str, tuple[str, ...]]
     """request kind (route or caption type) -> the parts it is asked in."""
+    shorter: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """part -> the shorter requests it is asked as when its answer is still cut at the cap
+    (`LEVEL_GROUPS`; named `<part>.<fields joined by '-'>`); parts without length levels are absent."""
 
     @classmethod
     def load(cls, root: str | Path, version: str) -> PromptSet:
@@ -86,7 +96,18 @@ class PromptSet:
                 prompts[part] = pfile.read_text().strip().replace("{schema}", json.dumps(schemas[part], ensure_ascii=False))
         system = {lang: (pdir / f"system{'.' + lang if lang else ''}.txt").read_text().strip()
                   for lang in ("", *LANGUAGES) if (pdir / f"system{'.' + lang if lang else ''}.txt").is_file()}
-        return cls(version=version, system=system, prompts=prompts, schemas=schemas, parts=parts)
+        shorter: dict[str, tuple[str, ...]] = {}
+        for part in (p for kind in CAPTION_TYPES for p in parts[kind]):
+            if not _has_levels(schemas[part]):
+                continue
+            lang = part.rsplit(".", 1)[1] if "." in part else "en"
+            template = (pdir / f"{part}.txt").read_text().strip()
+            shorter[part] = tuple(f"{part}.{'-'.join(group)}" for group in LEVEL_GROUPS)
+            for group, sub in zip(LEVEL_GROUPS, shorter[part], strict=True):
+                schemas[sub] = _only_levels(schemas[part], group)
+                only = ONLY_FIELDS.get(lang, ONLY_FIELDS["en"]).format(fields=", ".join(f'"{f}"' for f in group))
+                prompts[sub] = template.replace("{schema}", json.dumps(schemas[sub], ensure_ascii=False)) + "\n\n" + only
+        return cls(version=version, system=system, prompts=prompts, schemas=schemas, parts=parts, shorter=shorter)
 
     @functools.cached_property
     def _validators(self) -> dict[str, jsonschema.Draft202012Validator]:
@@ -112,8 +133,10 @@ class PromptSet:
         if len(texts) == 1:
             return texts[0], self.validate(kind, texts[0])
         merged: dict[str, Any] = {}
-        for t in texts:
-            merged.update(json.loads(t))
+        for t in texts:  # one level deep: shorter requests each hold some fields of {"en": {...}}
+            for key, value in json.loads(t).items():
+                both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+                merged[key] = {**merged[key], **value} if both else value
         text = json.dumps(merged, ensure_ascii=False, separators=(",", ":"))
         return text, self.validate(kind, text)
 
@@ -134,3 +157,21 @@ class PromptSet:
             path = "/".join(str(p) for p in error.absolute_path) or "<root>"
             raise InvalidResponse("schema", f"{path}: {error.message[:200]}")
         return value
+
+
+def _has_levels(schema: dict[str, Any]) -> bool:
+    """Every top-level property is an object that requires exactly the caption lengths."""
+    levels = {f for group in LEVEL_GROUPS for f in group}
+    props = schema.get("properties") or {}
+    return bool(props) and all(p.get("type") == "object" and set(p.get("required", ())) == levels
+                               for p in props.values())
+
+
+def _only_levels(schema: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """`schema` with every language object narrowed to `fields`."""
+    out = json.loads(json.dumps(schema))
+    for p in out["properties"].values():
+        p["properties"] = {f: p["properties"][f] for f in fields}
+        p["required"] = list(fields)
+    out.pop("title", None)
+    return out

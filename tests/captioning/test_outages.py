@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import shutil
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import lance
 from conftest import (
     SERVED,
+    TINY_ANSWERS,
     TINY_PROMPTS,
     ScriptedServer,
     caption_job,
@@ -22,6 +24,7 @@ from conftest import (
     free_port,
     image_of,
     jpeg,
+    kind_of,
     synthetic_image,
     valid,
     write_curated,
@@ -246,3 +249,41 @@ def test_cut_answers_are_retried_with_a_larger_limit_up_to_the_cap(scripted, tmp
         out, _ = ask(cfg_for(tmp_path, srv.url, route_max_tokens=16, max_tokens_cap=32, max_attempts=3))
     assert not out.ok and out.error_kind == "length" and "max_tokens=32" in out.error and "cap max_tokens_cap=32" in out.error
     assert [b["max_tokens"] for b in srv.requests] == [16, 32, 32]
+
+
+def test_an_answer_still_cut_at_the_cap_is_asked_as_shorter_requests_and_the_reason_kept(tmp_path):
+    """general.en is always cut: it is asked again as short+medium and dense alone (schemas narrowed
+    to those fields, merged into the stored shape); where dense alone is still cut, the row fails
+    with reason length and says which shorter request was cut."""
+    write_curated(tmp_path / "curated.lance", [True] * 2)
+    long_image = jpeg(synthetic_image(1, (96, 80)))  # id001's image: its dense level never fits
+
+    def answer(body):
+        name = body["response_format"]["json_schema"]["name"].split("_", 1)[0]  # e.g. general-en-dense
+        if name == "general-en" or (name == "general-en-dense" and image_of(body) == long_image):
+            return 200, completion('{"en":{"sho', finish="length")
+        if name.startswith("general-en-"):
+            fields = name.removeprefix("general-en-").split("-")
+            return 200, completion(json.dumps({"en": {f: TINY_ANSWERS["general.en"]["en"][f] for f in fields}}))
+        return valid(body)
+
+    with ScriptedServer(answer) as srv:
+        summary = run(cfg_for(tmp_path, srv.url, max_tokens=16, max_tokens_cap=32))
+    rows = rows_of(tmp_path)
+    prompts = PromptSet.load(TINY_PROMPTS["prompt_root"], "tiny")
+    ok, cut = rows["id000"], rows["id001"]
+    assert ok["caption_status"] == "ok" and json.loads(ok["caption_general"]) == TINY_ANSWERS["general"]
+    prompts.validate("general", ok["caption_general"])
+    assert cut["caption_status"] == "failed" and cut["caption_error_kind"] == "length" and summary.failures == {"length": 1}
+    assert "asked again as shorter requests (general.en.short-medium, general.en.dense)" in cut["caption_error"]
+    assert "general.en.dense: answer cut at max_tokens=32" in cut["caption_error"]
+    sent = [b for b in srv.requests if kind_of(b).startswith("general.en")]
+    by_name = {}
+    for b in sent:
+        by_name.setdefault(b["response_format"]["json_schema"]["name"].split("_", 1)[0], []).append(b)
+    assert sorted(b["max_tokens"] for b in by_name["general-en"]) == [16, 16, 32, 32]  # two rows, cap 32
+    for name, fields in (("general-en-short-medium", ["short", "medium"]), ("general-en-dense", ["dense"])):
+        schema = by_name[name][0]["response_format"]["json_schema"]["schema"]
+        assert list(schema["properties"]["en"]["properties"]) == fields == schema["properties"]["en"]["required"]
+        assert by_name[name][0]["messages"][-1]["content"][1]["text"].endswith(
+            "write only these fields: " + ", ".join(f'"{f}"' for f in fields) + ".")

@@ -44,8 +44,10 @@ def v1():
 
 
 def test_v1_prompt_set_embeds_each_schema_in_its_prompt(v1):
-    assert set(v1.prompts) == set(KINDS) == set(v1.schemas)
-    for kind in KINDS:
+    shorter = {sub for subs in v1.shorter.values() for sub in subs}  # general's short+medium, dense alone
+    assert v1.shorter == {"general": ("general.short-medium", "general.dense")}
+    assert set(v1.prompts) == set(KINDS) | shorter == set(v1.schemas)
+    for kind in (*KINDS, *shorter):
         assert json.dumps(v1.schemas[kind], ensure_ascii=False) in v1.prompts[kind]
         assert "{schema}" not in v1.prompts[kind]
     assert "Chinese" in v1.system[""] and "English" in v1.system[""]
