@@ -217,25 +217,10 @@ def run_job(cls: type, args: dict[str, Any], work: Callable[[Any], list[str]]) -
     """Load `cls` from the parsed flags, run `work(cfg)` and print its lines; the exit status says
     how it ended: 0 done, 2 could not run (config, input, server), 3 server gone (finished rows
     committed), 4 a Lance commit failed."""
-    import sys
-
-    from captioning.client import ServerUnreachable
-    from captioning.pipeline import CommitFailed
+    from captioning.exits import exit_status  # the exit statuses of jobs/caption.py, one definition
     from common.typed_config import parse_assignment
     from flywheel.pe_config import load
 
     args = dict(args)
     config, sets = args.pop("config"), args.pop("set")
-    try:
-        lines = work(load(cls, config, args | dict(parse_assignment(s) for s in sets)))
-    except (ConfigError, ServerUnreachable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ServerGone as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except CommitFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
-    print("\n".join(lines))
-    return 0
+    return exit_status(lambda: work(load(cls, config, args | dict(parse_assignment(s) for s in sets))))

@@ -18,13 +18,10 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from captioning.client import ServerGone, ServerUnreachable
-from captioning.config import ConfigError, load_config
-from captioning.pipeline import CommitFailed, run
+from captioning.config import load_config
+from captioning.exits import exit_status
+from captioning.pipeline import run
 from captioning.report import stat_lines
-
-# One line on stderr and a status per way of stopping (captioning/README.md, "Exit status").
-EXIT_STATUS: dict[type[Exception], int] = {ConfigError: 2, ServerUnreachable: 2, ServerGone: 3, CommitFailed: 4}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,19 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = vars(parse_args(argv))
     config_path = args.pop("config")
-    try:
+
+    def work() -> list[str]:
         cfg = load_config(config_path, **args)
         if cfg.report is None and "://" not in cfg.output:
             import dataclasses
 
             cfg = dataclasses.replace(cfg, report=cfg.output.rstrip("/") + ".report.html")
         summary = run(cfg)
-    except tuple(EXIT_STATUS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return next(code for kind, code in EXIT_STATUS.items() if isinstance(e, kind))
-    for line in summary.lines() + (stat_lines(summary.stats) if summary.stats else []):
-        print(line)
-    return 0
+        return summary.lines() + (stat_lines(summary.stats) if summary.stats else [])
+
+    return exit_status(work)
 
 
 if __name__ == "__main__":
