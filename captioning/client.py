@@ -7,8 +7,8 @@ each attempt is counted. 429, 5xx, timeouts and connection errors back off expon
 bound (up to `max_tokens_cap`); a schema-invalid answer is asked again with a new seed; other 4xx
 fail at once (resending the same body cannot succeed).
 
-A connection error is either the request's own (a dropped connection while the server still answers)
-or an outage. `Breaker` tells them apart with a health probe (`GET /models`): when the probe fails
+A connection error (or a read timeout) is either the request's own (a dropped connection or a slow
+answer while the server still answers) or an outage. `Breaker` tells them apart with a health probe (`GET /models`): when the probe fails
 too, the breaker opens and every request, in flight or new, waits for it, with no attempt counted, so
 no row fails because the server went away. The breaker probes with the same capped backoff and
 closes as soon as the server answers; after `server_patience_s` without an answer it raises
@@ -204,7 +204,11 @@ class CaptionClient:
                     if attempt < cfg.max_attempts:
                         await asyncio.sleep(backoff(cfg, attempt - 1))
                     continue
-                except httpx.TimeoutException as e:  # read/write timeout: the server is there but slow
+                except httpx.TimeoutException as e:
+                    # A read/write timeout: a slow server (it answers the probe: count it), or a
+                    # connection that died without a reset (host gone, network cut): an outage.
+                    if not await self.breaker.connection_failed():
+                        continue
                     attempt += 1
                     error_kind, error = "timeout", f"{type(e).__name__}: {e}"
                     if attempt < cfg.max_attempts:

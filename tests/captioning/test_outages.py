@@ -287,3 +287,28 @@ def test_an_answer_still_cut_at_the_cap_is_asked_as_shorter_requests_and_the_rea
         assert list(schema["properties"]["en"]["properties"]) == fields == schema["properties"]["en"]["required"]
         assert by_name[name][0]["messages"][-1]["content"][1]["text"].endswith(
             "write only these fields: " + ", ".join(f'"{f}"' for f in fields) + ".")
+
+
+def test_a_request_whose_connection_dies_without_a_reset_is_an_outage_when_the_probe_fails_too(tmp_path):
+    """The server's port closes while a request is in flight and its connection stays open without
+    an answer (a host or network gone: no reset reaches the client): the read timeout asks the
+    breaker, the probe is refused, the job pauses, and the request is sent again once the server is
+    back, not counted (max_attempts 1 would otherwise fail it as a timeout)."""
+    first = threading.Event()
+
+    def hang_first(body):
+        if not first.is_set():
+            first.set()
+            time.sleep(4)  # the answer never reaches the client: its read timeout is 1 s
+        return valid(body)
+
+    srv = ScriptedServer(hang_first, port=free_port()).__enter__()
+    holder: dict = {}
+    t = _restart_after(srv, 1, 1.6, holder)  # port closed once the request is in, open again 1.6 s later
+    try:
+        out, client = ask(cfg_for(tmp_path, srv.url, read_timeout_s=1.0, max_attempts=1, server_patience_s=20))
+    finally:
+        t.join(timeout=10)
+        holder.get("server", srv).stop()
+    assert out.ok and out.attempts == 1, out
+    assert client.breaker.outages == 1 and client.breaker.paused_s > 0.2
