@@ -42,30 +42,41 @@ def parser(doc: str, default_config: str | None) -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None, doc: str = "", default_config: str | None = None) -> int:
-    args = parser(doc, default_config).parse_args(argv)
+def execute(args: argparse.Namespace, load, run, overrides: dict | None = None) -> int:
+    """The body every stage command shares (stage 2's too): ``--set`` (then ``overrides``) ->
+    ``load(overrides)`` -> the config; then ``--rethreshold`` (re-decide from stored scores) or
+    ``run(cfg)``; a ConfigError is one line on stderr and exit status 2; else the summary, 0."""
     try:
-        overrides = dict(parse_assignment(s) for s in args.set)
-        if args.category_column:
-            overrides["scoring.category.column"] = args.category_column
-        if args.eps is not None:
-            overrides["thresholds.semdedup.eps"] = args.eps
-        cfg = load_config(args.config, overrides)
+        cfg = load(dict(parse_assignment(s) for s in args.set) | (overrides or {}))
         if args.rethreshold:
             from .run import rethreshold
 
             summary = rethreshold(args.output, cfg, report=not args.no_report)
         else:
-            from .run import run_stage
-
-            if not args.input:
-                raise ConfigError("--input is required (or pass --rethreshold)")
-            summary = run_stage(
-                args.input, args.output, cfg, parse_skip(args.skip, cfg), args.commit_every,
-                Columns(args.image_column, args.path_column, args.caption_column, args.key_column),
-                progress=not args.no_progress, report=not args.no_report, num_cpus=args.num_cpus)
+            summary = run(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.text())
     return 0
+
+
+def main(argv: list[str] | None = None, doc: str = "", default_config: str | None = None) -> int:
+    args = parser(doc, default_config).parse_args(argv)
+    overrides = {}
+    if args.category_column:
+        overrides["scoring.category.column"] = args.category_column
+    if args.eps is not None:
+        overrides["thresholds.semdedup.eps"] = args.eps
+
+    def run(cfg):
+        from .run import run_stage
+
+        if not args.input:
+            raise ConfigError("--input is required (or pass --rethreshold)")
+        return run_stage(
+            args.input, args.output, cfg, parse_skip(args.skip, cfg), args.commit_every,
+            Columns(args.image_column, args.path_column, args.caption_column, args.key_column),
+            progress=not args.no_progress, report=not args.no_report, num_cpus=args.num_cpus)
+
+    return execute(args, lambda ov: load_config(args.config, ov), run, overrides)

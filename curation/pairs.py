@@ -45,40 +45,87 @@ DEFAULTS = {
 }
 
 
-def phash_distance(source: Image.Image, target: Image.Image) -> int:
-    """Hamming distance (0..64) between the images' 64-bit pHashes: 0-4 for re-encodes/resizes
-    of the same picture, ~32 for unrelated pictures."""
-    return int(bin(phash64(source.convert("L")) ^ phash64(target.convert("L"))).count("1"))
-
-
 def _common_size(a: Image.Image, b: Image.Image, size: int) -> int:
     """Compare at ``size``, or at the smaller image's short side if that is less: upsampling a
     resized target would add blur the edit did not make."""
     return max(32, min(size, *a.size, *b.size))
 
 
+def _rgb(im: Image.Image, size: int) -> np.ndarray:
+    """``size`` x ``size`` uint8 RGB: the one resample every structure score reads."""
+    return np.asarray((im if im.mode == "RGB" else im.convert("RGB")).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+
 def _grey(im: Image.Image, size: int) -> np.ndarray:
-    return np.asarray(im.convert("L").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0),
-                      dtype=np.float64)
-
-
-def ssim(source: Image.Image, target: Image.Image, size: int = SSIM_SIZE) -> float:
-    """Mean structural similarity (Wang et al. 2004; scikit-image's 7x7 window) of the grey images,
-    both resized to ``size`` x ``size`` (or the smaller short side): 1 identical, ~0 unrelated.
-    Computed with OpenCV box filters: the same value as ``skimage.metrics.structural_similarity(a,
-    b, data_range=255)`` (7x7 uniform window, sample covariance, border of 3 px cropped; equal to
-    ~1e-13, tested) at a fraction of its cost — it is most of stage 2's model-free time."""
     import cv2
 
-    size = _common_size(source, target, size)
-    a, b = _grey(source, size), _grey(target, size)
-    box = lambda x: cv2.blur(x, (7, 7), borderType=cv2.BORDER_REFLECT_101)  # noqa: E731
+    return cv2.cvtColor(_rgb(im, size), cv2.COLOR_RGB2GRAY)  # ITU-R 601 luma, as Pillow's "L"
+
+
+def _phash_distance(ga: np.ndarray, gb: np.ndarray) -> int:
+    return int(bin(phash64(Image.fromarray(ga)) ^ phash64(Image.fromarray(gb))).count("1"))
+
+
+def _ssim(ga: np.ndarray, gb: np.ndarray) -> float:
+    import cv2
+
+    a, b = ga.astype(np.float32), gb.astype(np.float32)
+    # float32: the box means of x^2 (<= 65025) lose ~1e-7 relative, far below SSIM's constants
+    box = lambda x: cv2.blur(x, (7, 7), borderType=cv2.BORDER_REFLECT_101)[3:-3, 3:-3]  # noqa: E731
     ua, ub = box(a), box(b)
     cov = 49.0 / 48.0  # sample covariance over the 7x7 window, as scikit-image's default
     va, vb, vab = cov * (box(a * a) - ua * ua), cov * (box(b * b) - ub * ub), cov * (box(a * b) - ua * ub)
     c1, c2 = (0.01 * 255.0) ** 2, (0.03 * 255.0) ** 2
     s = ((2 * ua * ub + c1) * (2 * vab + c2)) / ((ua * ua + ub * ub + c1) * (va + vb + c2))
-    return float(s[3:-3, 3:-3].mean())
+    return float(s.mean(dtype=np.float64))
+
+
+def _changed(ra: np.ndarray, rb: np.ndarray, block: int, tol: float) -> float:
+    import cv2
+
+    k = ra.shape[0] // block
+    d = cv2.absdiff(ra, rb)[: k * block, : k * block].astype(np.float32)
+    cells = cv2.resize(d, (k, k), interpolation=cv2.INTER_AREA).max(-1)  # exact block means
+    return float((cells > tol).mean())
+
+
+def structure_scores(source: Image.Image, target: Image.Image, size: int = SSIM_SIZE, block: int = 16,
+                     tol: float = 16.0) -> tuple[int, float, float]:
+    """(:func:`phash_distance`, :func:`ssim`, :func:`changed_fraction`) from one resample of each
+    image: what the stage-2 worker computes per pair (the three apart cost about twice as much)."""
+    import cv2
+
+    size = _common_size(source, target, size)
+    ra, rb = _rgb(source, size), _rgb(target, size)
+    ga, gb = cv2.cvtColor(ra, cv2.COLOR_RGB2GRAY), cv2.cvtColor(rb, cv2.COLOR_RGB2GRAY)
+    return _phash_distance(ga, gb), _ssim(ga, gb), _changed(ra, rb, block, tol)
+
+
+def phash_distance(source: Image.Image, target: Image.Image, size: int = SSIM_SIZE) -> int:
+    """Hamming distance (0..64) between the images' 64-bit pHashes (of the grey images at the
+    comparison size): 0-4 for re-encodes/resizes of the same picture, ~32 for unrelated pictures."""
+    size = _common_size(source, target, size)
+    return _phash_distance(_grey(source, size), _grey(target, size))
+
+
+def ssim(source: Image.Image, target: Image.Image, size: int = SSIM_SIZE) -> float:
+    """Mean structural similarity (Wang et al. 2004; scikit-image's 7x7 window) of the grey images,
+    both resized to ``size`` x ``size`` (or the smaller short side): 1 identical, ~0 unrelated.
+    Computed with OpenCV box filters in float32: ``skimage.metrics.structural_similarity(a, b,
+    data_range=255)`` of the same grey arrays (7x7 uniform window, sample covariance, border of
+    3 px cropped) to ~1e-6 (tested), at a fraction of its cost."""
+    size = _common_size(source, target, size)
+    return _ssim(_grey(source, size), _grey(target, size))
+
+
+def changed_fraction(source: Image.Image, target: Image.Image, size: int = SSIM_SIZE, block: int = 16,
+                     tol: float = 16.0) -> float:
+    """Share of ``block`` x ``block`` cells (both images at ``size`` x ``size``, RGB) whose mean
+    absolute difference exceeds ``tol`` levels in any channel: 0 for re-encodes and resizes, the
+    edited area's share for a local edit, most cells for a global one. It sees colour-only edits
+    (greyscale, hue turns) that pHash and grey SSIM are blind to."""
+    size = _common_size(source, target, size)
+    return _changed(_rgb(source, size), _rgb(target, size), block, tol)
 
 
 def clip_cosine(source_emb: np.ndarray, target_emb: np.ndarray) -> np.ndarray:
@@ -182,20 +229,6 @@ def is_unrelated(phash_dist: float, ssim_value: float, clip_cos: float | None = 
             and (clip_cos is None or clip_cos < th["unrelated_min_clip"]))
 
 
-def changed_fraction(source: Image.Image, target: Image.Image, size: int = SSIM_SIZE, block: int = 16,
-                     tol: float = 16.0) -> float:
-    """Share of ``block`` x ``block`` cells (both images at ``size`` x ``size``, RGB) whose mean
-    absolute difference exceeds ``tol`` levels in any channel: 0 for re-encodes and resizes, the
-    edited area's share for a local edit, most cells for a global one. It sees colour-only edits
-    (greyscale, hue turns) that pHash and grey SSIM are blind to."""
-    size = _common_size(source, target, size)
-    a, b = (np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0),
-                       dtype=np.float32) for im in (source, target))
-    k = size // block
-    cells = np.abs(a - b)[: k * block, : k * block].reshape(k, block, k, block, 3).mean(axis=(1, 3)).max(-1)
-    return float((cells > tol).mean())
-
-
 # --------------------------------------------------------------------------- calibration pairs
 def calibration_pairs(photos: list[tuple[str, Image.Image]], seed: int = 0):
     """(kind, edit name, source, target) from real photos: ``noop`` (copy, re-encode, resize,
@@ -276,9 +309,8 @@ def calibrate(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     for kind, edit, src, tgt in calibration_pairs(photos, seed):
         d = out.setdefault(kind, {"phash": [], "ssim": [], "changed": [], "edit": []})
         d["edit"].append(edit)
-        d["phash"].append(phash_distance(src, tgt))
-        d["ssim"].append(ssim(src, tgt))
-        d["changed"].append(changed_fraction(src, tgt))
+        for k, v in zip(("phash", "ssim", "changed"), structure_scores(src, tgt), strict=True):
+            d[k].append(v)
     return {k: {s: np.array(v, object if s == "edit" else float) for s, v in d.items()} for k, d in out.items()}
 
 

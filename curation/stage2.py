@@ -43,9 +43,18 @@ class JudgeScoring:
     model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     """Model name the server serves."""
     timeout_s: float = 60.0
-    """Per-request timeout; a failure is recorded in ``judge_error``, never fatal."""
+    """Per-request read timeout; a failure is recorded in ``judge_error``, never fatal."""
     max_side: int = 512
     """Images are sent as JPEG with this long side."""
+    max_attempts: int = 3
+    """Counted attempts per pair (timeouts, 429/5xx, invalid JSON) through the captioning client."""
+    backoff_s: float = 0.5
+    """Base of the capped, jittered exponential backoff between attempts (``Retry-After`` wins)."""
+    patience_s: float = 120.0
+    """How long a batch's requests wait (breaker open, no attempt counted) for a server that stopped
+    answering before its pairs get ``judge_error = server_gone``."""
+    concurrency: int = 8
+    """Requests in flight per scoring worker."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -304,11 +313,8 @@ def run_pair_stage(pairs_spec: str, output: str, cfg: PairStageConfig, skipped: 
 # --------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None, doc: str = "") -> int:
     import argparse
-    import sys
 
-    from common.typed_config import parse_assignment
-
-    from .cli import CONFIGS
+    from .cli import CONFIGS, execute
     from .config import parse_skip
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -326,26 +332,15 @@ def main(argv: list[str] | None = None, doc: str = "") -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-report", action="store_true")
     a = ap.parse_args(argv)
-    try:
-        overrides = dict(parse_assignment(s) for s in a.set)
-        if a.source:
-            overrides["source"] = a.source
-        cfg = load_pair_config(a.config, overrides)
-        if a.rethreshold:
-            from .run import rethreshold
 
-            summary = rethreshold(a.output, cfg, report=not a.no_report)
-        else:
-            if not a.pairs:
-                raise ConfigError("--pairs is required (or pass --rethreshold)")
-            cols = PairColumns(**{f.name: getattr(a, f"col_{f.name}") for f in dataclasses.fields(PairColumns)})
-            summary = run_pair_stage(a.pairs, a.output, cfg, parse_skip(a.skip, cfg), a.commit_every, cols,
-                                     progress=not a.no_progress, report=not a.no_report, num_cpus=a.num_cpus)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary.text())
-    return 0
+    def run(cfg):
+        if not a.pairs:
+            raise ConfigError("--pairs is required (or pass --rethreshold)")
+        cols = PairColumns(**{f.name: getattr(a, f"col_{f.name}") for f in dataclasses.fields(PairColumns)})
+        return run_pair_stage(a.pairs, a.output, cfg, parse_skip(a.skip, cfg), a.commit_every, cols,
+                              progress=not a.no_progress, report=not a.no_report, num_cpus=a.num_cpus)
+
+    return execute(a, lambda ov: load_pair_config(a.config, ov), run, {"source": a.source} if a.source else None)
 
 
 # --------------------------------------------------------------------------- sample pairs (tests, benchmark)

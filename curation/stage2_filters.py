@@ -53,9 +53,7 @@ def _score_instruction(b: PairBatch) -> None:
 def _score_structure(b: PairBatch) -> None:
     for k, i in enumerate(b.idx):
         s, t = b.src[k], b.tgt[k]
-        b.out["phash_distance"][i] = pairs.phash_distance(s, t)
-        b.out["ssim"][i] = pairs.ssim(s, t)
-        b.out["changed_fraction"][i] = pairs.changed_fraction(s, t)
+        b.out["phash_distance"][i], b.out["ssim"][i], b.out["changed_fraction"][i] = pairs.structure_scores(s, t)
 
 
 def _image_embeddings(b: PairBatch) -> tuple[np.ndarray, np.ndarray] | None:
@@ -103,7 +101,7 @@ def _score_judge(b: PairBatch) -> None:
         return
     from .stage2_judge import judge_pairs  # only with a server configured
 
-    got = judge_pairs(j, [b.src[k] for k in range(len(b.idx))], [b.tgt[k] for k in range(len(b.idx))],
+    got = judge_pairs(j, [b.out["id"][i] for i in b.idx], b.src, b.tgt,
                       [b.out["instruction_en"][i] or b.out["instruction_zh"][i] for i in b.idx])
     for i, (ins, con, err) in zip(b.idx, got, strict=True):
         b.out["judge_instruction"][i], b.out["judge_consistency"][i], b.out["judge_error"][i] = ins, con, err
