@@ -27,6 +27,11 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 from common.typed_config import ConfigError, build, read_yaml, set_dotted
 
 from .schema import BLOB_META
+from .stage2_schema import PAIR_SCHEMA
+
+# What a mixture reads of a stage-2 table (its one schema module names them).
+PAIR_READ_COLUMNS = tuple(c for c in ("id", "keep", "source", "source_short_side", "target_short_side", "image",
+                                      "target_image", "instruction_en", "instruction_zh") if c in PAIR_SCHEMA.names)
 
 MIXTURE_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -118,8 +123,8 @@ def _candidates(uri: str, pairs: bool, min_side: int) -> tuple[pa.Table, int]:
     names = set(ds.schema.names)
     if "keep" not in names or "id" not in names:
         raise ConfigError(f"{uri}: not a curated stage table (no id/keep columns)")
-    if pairs and "target_image" not in names:
-        raise ConfigError(f"{uri}: not a stage-2 pair table (curation/stage2_schema.py): no target_image")
+    if pairs and (missing := [c for c in PAIR_READ_COLUMNS if c not in names]):
+        raise ConfigError(f"{uri}: not a stage-2 pair table (curation/stage2_schema.py): no {', '.join(missing)}")
     cols = ["id"] + [c for c in ("source", "short_side", "width", "height", "source_short_side", "target_short_side")
                      if c in names]
     t = ds.to_table(columns=cols, filter="keep = true")
@@ -185,6 +190,22 @@ def build_mixture(cfg: MixtureConfig, stage: int, output: str, progress: bool = 
     lance.write_dataset(writer_batches, output, schema=schema, mode="overwrite")
     return {"output": output, "stage": stage, "t2i": n_t2i, "ti2i": n_ti2i, "t2i_by_source": a1,
             "ti2i_by_source": a2, "inputs": versions}
+
+
+def pairs_mixture(stage2_uri: str, output: str, min_short_side: int = 0, seed: int = 0) -> dict:
+    """Every kept pair of a stage-2 table as a TI2I-only mixture (``ti2i`` + ``ti2i_source`` rows,
+    lineage included): how ``jobs/encode_latents.py --stage2`` reads edit pairs without a mixture
+    config. Rebuilt only when the stage-2 table's version differs from the one recorded."""
+    version = lance.dataset(stage2_uri).version
+    try:
+        md = lance.dataset(output).schema.metadata or {}
+        if json.loads(md.get(b"inputs", b"{}")) == {stage2_uri: version} and md.get(b"t2i_ratio") == b"0.0":
+            return {"output": output, "reused": True, "inputs": {stage2_uri: version}}
+    except (ValueError, OSError):  # no table there yet
+        pass
+    cfg = MixtureConfig(seed=seed, stages={2: StageMixture(t2i_ratio=0.0, min_short_side=min_short_side,
+                                                           ti2i=(stage2_uri,))})
+    return build_mixture(cfg, 2, output)
 
 
 def _rows(t2i: pa.Table | None, ti2i: pa.Table | None, st: StageMixture, versions: dict[str, int]):

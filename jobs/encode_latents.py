@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curated", help="curated Lance table (curation/schema.py)")
     ap.add_argument("--mixture", help="instead of --curated: a training mixture from jobs/build_mixture.py "
                                       "(curation/mixture.py): its T2I rows and its TI2I edit pairs")
+    ap.add_argument("--stage2", help="instead of --curated: a stage-2 edit-pair table (jobs/filter_stage2.py, "
+                                     "curation/stage2_schema.py): its kept pairs, as <out>/stage2_pairs.lance")
     ap.add_argument("--captions", help="optional captions Lance table written by jobs/caption.py (captioning/schema.py)")
     ap.add_argument("--out", required=True, help="cache directory: gets latents.lance and text.lance")
     ap.add_argument("--vae", required=True, help="diffusers AutoencoderKL / AutoencoderKLQwenImage: local dir or id")
@@ -39,8 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="run the encoders on CUDA")
     ap.add_argument("--limit", type=int, help="encode only the first N kept rows (smoke runs)")
     a = ap.parse_args(argv)
-    if bool(a.curated) == bool(a.mixture):
-        ap.error("give one of --curated or --mixture")
+    if sum(map(bool, (a.curated, a.mixture, a.stage2))) != 1:
+        ap.error("give one of --curated, --mixture or --stage2")
+    if a.stage2:  # its kept pairs in the mixture shape (curation/mixture.py), then read as a mixture
+        from curation.mixture import pairs_mixture
+
+        a.mixture = pairs_mixture(a.stage2, f"{a.out.rstrip('/')}/stage2_pairs.lance")["output"]
     # A mixture is both the image table and the edit-pair table (rows with source_id + instruction).
     s = EncodeSettings(curated=a.curated or a.mixture, edit_pairs=a.mixture, captions=a.captions, out=a.out, vae=a.vae, text_encoder=a.text_encoder,
                        text_layer=a.text_layer, max_text_len=a.max_text_len, semantic_encoder=a.semantic_encoder,

@@ -6,7 +6,6 @@ source quotas within tolerance, lineage, determinism; and the mixture read by th
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -70,30 +69,77 @@ def test_mixture_ratio_quotas_lineage_and_determinism(stage_tables):
     assert lance.dataset(again).to_table(columns=["id"])["id"].to_pylist() == [r["id"] for r in t]
 
 
-def test_trainer_reads_a_mixture(stage_tables):
+def _job(name: str):
+    """jobs/<name>.py as a module (the jobs are scripts, not a package): its ``main`` runs in this
+    process, on the test's local Ray, instead of a subprocess that would import torch and start Ray
+    again (most of this file's former 2.5 minutes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_models(stage_tables):
     sys.path.insert(0, str(ROOT / "tests" / "training"))
     import tiny  # tests/training/tiny.py: tiny VAE + condition encoder, saved locally
 
+    tmp = stage_tables[0]
+    return tiny.make_tiny_vae(tmp / "vae"), tiny.make_tiny_qwen_vl(tmp / "qwen")
+
+
+def _json(text: str) -> dict:
+    return json.loads(text[text.index("{\n"):])
+
+
+ENCODE = ("--resolution", "64", "--bucket-multiple", "16", "--max-text-len", "32", "--batch-size", "8")
+
+
+def test_trainer_reads_a_mixture(stage_tables, tiny_models, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     tmp, s1, s2, s3 = stage_tables
+    vae, text = tiny_models
     out = str(tmp / "mix_train.lance")
     build_mixture(MixtureConfig(stages={2: StageMixture(t2i_ratio=0.7, t2i=(s1, s3), ti2i=(s2,))}), 2, out)
-    vae, text = tiny.make_tiny_vae(tmp / "vae"), tiny.make_tiny_qwen_vl(tmp / "qwen")
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"}
-
-    def job(*args):
-        p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600,
-                           env=env, cwd=ROOT)
-        assert p.returncode == 0, p.stderr[-3000:]
-        return p.stdout
-
     cache = tmp / "cache"
-    enc = job(ROOT / "jobs" / "encode_latents.py", "--mixture", out, "--out", cache, "--vae", vae, "--text-encoder",
-              text, "--resolution", "64", "--bucket-multiple", "16", "--max-text-len", "32", "--batch-size", "8")
-    summary = json.loads(enc[enc.index("{"):])
+    assert _job("encode_latents").main(["--mixture", out, "--out", str(cache), "--vae", str(vae), "--text-encoder",
+                                        str(text), *ENCODE]) == 0
+    summary = _json(capsys.readouterr().out)
     pairs = lance.dataset(out).count_rows(filter="task = 'ti2i'")
     assert summary["edit_pairs"] == pairs > 0
-    res = job(ROOT / "jobs" / "train.py", "--config", ROOT / "configs" / "train" / "debug_cpu.yaml", "--data", cache,
-              "--storage", tmp / "runs", "--steps", "2", "--workers", "1", "--set", "ckpt_every=2", "--set", "name=mix",
-              "--set", "data.t2i_ratio=0.7", "--set", "data.ti2i_ratio=0.3")
-    result = json.loads(res[res.index("{\n"):])
+    assert _job("train").main(["--config", str(ROOT / "configs" / "train" / "debug_cpu.yaml"), "--data", str(cache),
+                               "--storage", str(tmp / "runs"), "--steps", "2", "--workers", "1", "--set", "ckpt_every=2",
+                               "--set", "name=mix", "--set", "data.t2i_ratio=0.7", "--set", "data.ti2i_ratio=0.3"]) == 0
+    result = _json(capsys.readouterr().out)
     assert result["checkpoint"] and (Path(result["checkpoint"]) / ".metadata").is_file()
+
+
+def test_encode_reads_a_stage2_table_directly(stage_tables, tiny_models, capsys, monkeypatch):
+    """jobs/encode_latents.py --stage2: the kept pairs of the table jobs/filter_stage2.py's code wrote
+    reach the trainer's data loader as TI2I samples (target latent, reference latent, instruction)."""
+    from training.data import build_index, fetch_batch, plan_step
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tmp, s1, s2, s3 = stage_tables
+    vae, text = tiny_models
+    cache = tmp / "cache_s2"
+    enc = _job("encode_latents")
+    assert enc.main(["--stage2", s2, "--out", str(cache), "--vae", str(vae), "--text-encoder", str(text), *ENCODE]) == 0
+    summary = _json(capsys.readouterr().out)
+    kept = lance.dataset(s2).count_rows(filter="keep = true")
+    assert summary["edit_pairs"] == kept > 0
+    lineage = lance.dataset(str(cache / "stage2_pairs.lance")).to_table(columns=["task", "stage_uri", "stage_version"])
+    assert set(lineage["stage_uri"].to_pylist()) == {s2} and lineage["task"].to_pylist().count("ti2i") == kept
+    idx = build_index(str(cache))
+    assert idx.has_ref.sum() == kept
+    plan = plan_step(idx, 0, global_batch=4, seed=0, t2i_ratio=0.0, caption_types={"short": 1.0}, languages={"en": 1.0})
+    assert plan.ti2i and idx.has_ref[plan.latent_rows].all()
+    batch = fetch_batch(idx, plan.latent_rows, plan.text_rows, 32, with_ref=True)
+    assert batch["latent"].shape[0] == batch["ref"].shape[0] == batch["text"].shape[0] == 4
+    assert batch["ref"].shape[-2:] == batch["latent"].shape[-2:] and batch["text_mask"].any(1).all()
+    # a rerun on the same stage-2 version reuses the pair table and the cache
+    assert enc.main(["--stage2", s2, "--out", str(cache), "--vae", str(vae), "--text-encoder", str(text), *ENCODE]) == 0
+    assert set(_json(capsys.readouterr().out)["skipped"]) == {"latents", "text"}
