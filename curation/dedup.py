@@ -94,27 +94,40 @@ def _layout(key: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
     return tuple(moves)
 
 
-def permute(h: np.ndarray, key: tuple[int, ...], inverse: bool = False) -> np.ndarray:
+@functools.cache
+def _shifts(key: tuple[int, ...], inverse: bool) -> tuple[tuple[np.uint64, int, np.uint64], ...]:
+    """The layout's moves merged by shift distance: (source mask, direction, shift) per distance."""
+    by: dict[int, int] = {}
+    for s, w, d in _layout(key):
+        s, d = (d, s) if inverse else (s, d)
+        by[d - s] = by.get(d - s, 0) | (((1 << w) - 1) << s)
+    return tuple((np.uint64(m), 1 if k >= 0 else -1, np.uint64(abs(k))) for k, m in sorted(by.items()))
+
+
+def permute(h: np.ndarray, key: tuple[int, ...], inverse: bool = False, out: np.ndarray | None = None
+            ) -> np.ndarray:
     """``h`` with the key's blocks moved to the top bits (or back, with ``inverse``)."""
-    moves = [(np.uint64(d), np.uint64((1 << w) - 1), np.uint64(s)) if inverse else
-             (np.uint64(s), np.uint64((1 << w) - 1), np.uint64(d)) for s, w, d in _layout(key)]
-    out = np.zeros(len(h), np.uint64)
+    moves = _shifts(key, inverse)
+    out = np.empty(len(h), np.uint64) if out is None else out[: len(h)]
     tmp = np.empty(min(len(h), _CACHE_CHUNK), np.uint64)
     # Chunks that stay in cache, ops in place: on millions of hashes, one pass per move over whole
     # arrays (and fresh temporaries) is memory-bound, ~3x slower.
     for a in range(0, len(h), _CACHE_CHUNK):
         src, dst = h[a:a + _CACHE_CHUNK], out[a:a + _CACHE_CHUNK]
         t = tmp[: len(src)]
-        for shift_in, mask, shift_out in moves:
-            np.right_shift(src, shift_in, out=t)
-            np.bitwise_and(t, mask, out=t)
-            np.left_shift(t, shift_out, out=t)
-            np.bitwise_or(dst, t, out=dst)
+        for i, (mask, direction, shift) in enumerate(moves):
+            np.bitwise_and(src, mask, out=dst if i == 0 else t)
+            shifted = dst if i == 0 else t
+            (np.left_shift if direction > 0 else np.right_shift)(shifted, shift, out=shifted)
+            if i:
+                np.bitwise_or(dst, t, out=dst)
     return out
 
 
-def sorted_pairs(v: np.ndarray, key_bits: int, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """Verified value pairs among permuted hashes ``v`` sharing their top ``key_bits`` bits.
+def sorted_pairs(v: np.ndarray, key_bits: int, d: int, buf: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Verified value pairs among permuted hashes ``v`` sharing their top ``key_bits`` bits; ``v``
+    is sorted in place (``buf``: an optional uint64 scratch array at least as long).
 
     One SIMD sort of the values (~10x faster than an argsort) puts each key's hashes next to each
     other, with all their bits, so the popcount check reads neighbours instead of gathering at
@@ -122,28 +135,35 @@ def sorted_pairs(v: np.ndarray, key_bits: int, d: int) -> tuple[np.ndarray, np.n
     n = len(v)
     if n < 2:
         return _EMPTY_U
-    vs = np.sort(v)
+    v.sort()
     # Neighbours share the key iff their xor is below the key's lowest bit.
-    same = np.bitwise_xor(vs[1:], vs[:-1]) < np.uint64(1 << (64 - key_bits)) if key_bits else np.ones(n - 1, bool)
-    out_x, out_y = [], []
-    p, k = np.flatnonzero(same), 1
-    while len(p):
-        x, y = vs[p], vs[p + k]
-        ok = np.bitwise_count(x ^ y) <= d
-        out_x.append(x[ok])
-        out_y.append(y[ok])
-        p = p[p + k < n - 1]
-        p = p[same[p + k]]
-        k += 1
-    if not out_x:
+    x = np.bitwise_xor(v[1:], v[:-1], out=None if buf is None else buf[: n - 1])
+    p = np.flatnonzero(x < np.uint64(1 << (64 - key_bits))) if key_bits else np.arange(n - 1)
+    if not len(p):
         return _EMPTY_U
+    # rest[q]: neighbours left in q's run after q + 1, so (q, q + k) pairs exist while rest >= k - 1.
+    # Runs are counted only at their positions (few: about n / 2^(key_bits - log2 n) of them).
+    start = np.r_[True, p[1:] != p[:-1] + 1]
+    run_id = np.cumsum(start) - 1
+    run_end = p[np.r_[np.flatnonzero(start)[1:] - 1, len(p) - 1]]
+    rest = run_end[run_id] - p
+    out_x, out_y, k = [], [], 1
+    while len(p):
+        a, b = v[p], v[p + k]
+        ok = np.bitwise_count(a ^ b) <= d
+        out_x.append(a[ok])
+        out_y.append(b[ok])
+        more = rest >= k
+        p, rest, k = p[more], rest[more], k + 1
     return np.concatenate(out_x), np.concatenate(out_y)
 
 
 def _covering_pairs(h: np.ndarray, d: int, s: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Pairs as indices into ``h`` (sorted, distinct)."""
+    """Pairs as indices into ``h`` (sorted, distinct). Two scratch arrays serve every key: fresh
+    n-sized arrays per key cost page faults that grow with n."""
+    v, buf = np.empty(len(h), np.uint64), np.empty(len(h), np.uint64)
     for key in covering(s, d):
-        x, y = sorted_pairs(permute(h, key), BLOCK_BITS * s, d)
+        x, y = sorted_pairs(permute(h, key, out=v), BLOCK_BITS * s, d, buf)
         if len(x):
             ij = _index_of(h, np.concatenate([permute(x, key, True), permute(y, key, True)]))
             yield _ordered(ij[: len(x)], ij[len(x):])
@@ -222,17 +242,25 @@ def _min_keys(s: int, d: int) -> int:
 
 def plan(n: int, d: int) -> tuple[str, int]:
     """Cheapest exact search for n distinct hashes at distance d by the cost model:
-    ("cover", s) — s-block keys — or ("probe", m) — m bands with 22-bit tables at most."""
-    best = min((_probe_cost(n, d, m), ("probe", m)) for m in range(3, 9))
+    ("cover", s) — s-block keys — or ("probe", m) — m bands with 22-bit tables at most.
+
+    Key widths compare by their work on the hashes only: a covering family is built once per
+    process (< 1 s) and reused by every call, so its one-time cost must not tip the width, which
+    would make the width flip back and forth between calls; it still counts against probing."""
+    probe = min((_probe_cost(n, d, m), ("probe", m)) for m in range(3, 9))
     around = int(math.log2(max(n, 2))) // BLOCK_BITS  # keys near log2(n) bits: the only contenders
+    best = None
     for s in range(max(0, around - 1), min(BLOCKS - d, around + 2) + 1):
         per_key = _SORT_COST * n + _PAIR_COST * n * n / 2.0 ** (BLOCK_BITS * s + 1)
-        if (math.comb(BLOCKS, s) * math.comb(BLOCKS, d) > 1.5e8  # the covering search itself too big
-                or _min_keys(s, d) * per_key + _COVER_COST * math.comb(BLOCKS, s) * math.comb(BLOCKS, d)
-                >= best[0]):
-            continue
         setup = _COVER_COST * math.comb(BLOCKS, s) * math.comb(BLOCKS, d)
-        best = min(best, (len(covering(s, d)) * per_key + setup, ("cover", s)))
+        if (math.comb(BLOCKS, s) * math.comb(BLOCKS, d) > 1.5e8  # the covering search itself too big
+                or _min_keys(s, d) * per_key >= min(probe[0], best[0] if best else math.inf)):
+            continue
+        work = len(covering(s, d)) * per_key
+        if best is None or work < best[0]:
+            best = (work, ("cover", s), setup)
+    if best is None or best[0] + best[2] >= probe[0]:
+        return probe[1]
     return best[1]
 
 

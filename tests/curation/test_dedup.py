@@ -41,6 +41,19 @@ def test_near_pairs_equal_brute_force(d, how):
     assert set(zip(i.tolist(), j.tolist(), strict=True)) == _brute(h, d)
 
 
+@pytest.mark.parametrize("key_bits", [0, 4, 12])
+def test_sorted_pairs_long_runs_equal_brute_force(key_bits):
+    """Runs of many hashes sharing a short key: every (p, p + k) inside a run is checked, none across."""
+    h = _planted(6)
+    v = h.copy()
+    x, y = dedup.sorted_pairs(v, key_bits, 6)
+    top = (lambda a: a >> np.uint64(64 - key_bits)) if key_bits else (lambda a: a * np.uint64(0))
+    idx = {int(a): i for i, a in enumerate(h.tolist())}
+    got = {tuple(sorted((idx[int(a)], idx[int(b)]))) for a, b in zip(x.tolist(), y.tolist(), strict=True)}
+    want = {(i, j) for i, j in _brute(h, 6) if top(h[i]) == top(h[j])}
+    assert got == want and len(got) == len(x)
+
+
 def test_unsorted_input_gives_indices_into_it():
     h = _planted(6)
     perm = np.random.default_rng(1).permutation(len(h))
