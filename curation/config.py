@@ -107,6 +107,9 @@ class ResolutionRule:
 class DedupRule:
     max_hamming: int = 6
     """Near duplicates: pHash Hamming distance at most this (0..16). Exact: same content hash."""
+    distributed: bool = False
+    """Run the near-duplicate key join as a Ray Data shuffle across the cluster instead of in the
+    driver (same clusters and survivors; see docs/cluster.md for when the driver's memory is too small)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,7 +180,9 @@ class SemDedupRule:
     eps: float = 0.05
     """Near duplicates: embedding cosine similarity >= 1 - eps (SemDeDup), within a k-means cluster."""
     n_clusters: int | None = None
-    """k-means clusters; null = ``curation.semdedup``'s default (about candidate rows / 1000)."""
+    """k-means clusters; null = ``curation.semdedup``'s default, candidate rows / 1000: a fixed
+    cluster size keeps the within-cluster work (rows x survivors) linear in rows, where sqrt(rows)
+    clusters would make it grow as rows^1.5."""
     rank: tuple[str, ...] = ("aesthetic", "pixels", "id")
     """Survivor ranking, best first: score columns (higher wins), ``pixels`` (larger wins), ``id``
     (smaller wins, the final tie-break)."""

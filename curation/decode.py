@@ -38,6 +38,7 @@ class Decoded:
     orientation: int | None
     error: str | None
     content_hash: str | None
+    grid: np.ndarray | None = None  # full-scale luma centre crop (uint8), when decode() was asked for it
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -66,9 +67,33 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX, I;16 handled above
 
 
-def decode(data: bytes, working_size: int, max_pixels: int) -> Decoded:
+def _centre_crop(im: Image.Image, side: int) -> Image.Image:
+    """Centre crop of at most ``side`` x ``side`` whose origin is a multiple of 8 (the JPEG grid)."""
+    w, h = im.size
+    cw, ch = min(w, side), min(h, side)
+    x0, y0 = (w - cw) // 2 // 8 * 8, (h - ch) // 2 // 8 * 8
+    return im.crop((x0, y0, x0 + cw, y0 + ch))
+
+
+def _full_scale_luma(data: bytes, side: int) -> np.ndarray:
+    """Luma of a JPEG at DCT scale 1, centre crop: a second decoder pass that outputs grey only
+    (libjpeg skips the chroma IDCT, upsampling and colour conversion: about a draft decode's cost,
+    both being dominated by the entropy decoding of the whole file)."""
+    im = Image.open(io.BytesIO(data))
+    im.draft("L", im.size)  # a no-op for CMYK files: converted below
+    im.load()
+    return np.asarray(_centre_crop(im, side).convert("L") if im.mode in ("L", "RGB") else
+                      _centre_crop(_to_rgb(im), side).convert("L"))
+
+
+def decode(data: bytes, working_size: int, max_pixels: int, grid_crop: int = 0) -> Decoded:
     """Decode ``data`` to an upright RGB image whose short side is about ``working_size`` (never
-    below it unless the source is smaller). Any failure becomes ``Decoded.error``; never raises."""
+    below it unless the source is smaller). Any failure becomes ``Decoded.error``; never raises.
+
+    ``grid_crop`` > 0 also returns ``Decoded.grid``: a centre crop (at most ``grid_crop`` px a side)
+    of the luma at full scale, on the file's own 8x8 grid, for blockiness. A JPEG decoded at a
+    reduced DCT scale is decoded once more in grey at scale 1 for it; other images give the
+    full-scale pixels the decode had anyway."""
     content_hash = hashlib.sha256(data).hexdigest()
     if not data:
         return Decoded(None, None, None, None, None, "empty file (0 bytes)", content_hash)
@@ -108,16 +133,20 @@ def decode(data: bytes, working_size: int, max_pixels: int) -> Decoded:
                     im.draft("RGB" if im.mode != "CMYK" else im.mode,
                              (max(1, int(w * scale)), max(1, int(h * scale))))
             im.load()
+            drafted = im.size != (w, h)
             im = _to_rgb(im)
             if orientation != 1:
                 im = im.transpose(_EXIF_TRANSPOSE[orientation])
+            grid = None
+            if grid_crop > 0:  # the grid's phase is searched per axis: orientation does not matter
+                grid = _full_scale_luma(data, grid_crop) if drafted else np.asarray(_centre_crop(im, grid_crop).convert("L"))
             # Non-JPEG formats decode at full size; integer reduce keeps short side >= working_size.
             factor = min(im.size) // working_size
             if factor >= 2:
                 im = im.reduce(factor)
         if orientation in _TRANSPOSED_ORIENTATIONS:
             w, h = h, w
-        return Decoded(im, w, h, fmt, orientation, None, content_hash)
+        return Decoded(im, w, h, fmt, orientation, None, content_hash, grid)
     except Exception as e:  # noqa: BLE001 - every decoder failure is a row with a reason
         msg = f"{type(e).__name__}: {e}".strip()
         return Decoded(None, None, None, None, None, msg[:500], content_hash)

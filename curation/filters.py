@@ -76,7 +76,7 @@ class Batch:
         self.out, self.idx, self.images, self.datas = out, idx, images, datas
         self.models, self.cfg, self.cache = models, cfg, cache
         self._grey: dict[int, Image.Image] = {}
-        self.scale: list[float] = []  # decoded size / full size, per decoded image
+        self.grids: list = []  # full-scale luma crops (decode's ``grid``) when the stage scores blockiness
 
     def grey(self, k: int) -> Image.Image:
         if k not in self._grey:
@@ -169,32 +169,16 @@ def _score_aesthetic(b: Batch) -> None:
             b.out["aesthetic"][b.idx[k]] = float(v)
 
 
-def _grid_image(b: Batch, k: int) -> tuple[Image.Image, int]:
-    """Pixels on the file's own 8x8 grid for blockiness: the working image when it was decoded at
-    DCT scale 1, 1/2 or 1/4 (grid 8, 4, 2 px; Pillow's JPEG ``draft`` and integer ``reduce`` keep it),
-    else a decode at half size (one extra decode, only for images over 4x the working size)."""
-    from .decode import decode
-
-    s = b.scale[k]
-    for block in (8, 4):
-        if abs(s * 8 - block) < 1e-6:
-            return b.images[k], block
-    d = decode(b.datas[b.idx[k]], max(1, min(b.out["width"][b.idx[k]], b.out["height"][b.idx[k]]) // 2), 1 << 40)
-    if d.error or d.image is None:
-        return b.images[k], 8
-    ratio = d.image.size[0] / max(1, d.width if d.orientation not in (5, 6, 7, 8) else d.height)
-    return d.image, max(1, round(8 * ratio))
-
-
 def _score_compression(b: Batch) -> None:
+    """JPEG quality from the header; blockiness on the full-scale luma crop the worker's decode
+    returned (``Batch.grids``: the 8x8 grid the defaults are calibrated on, whatever the working size)."""
     from .quality import blockiness, jpeg_quality
 
     for k, i in enumerate(b.idx):
         if b.out["format"][i] == "JPEG" and b.datas[i] is not None:
             b.out["jpeg_quality"][i] = jpeg_quality(b.datas[i])
         if b.images is not None:
-            im, block = _grid_image(b, k)
-            b.out["blockiness"][i] = blockiness(im, block)
+            b.out["blockiness"][i] = blockiness(b.grids[k])
 
 
 def _score_semdedup(b: Batch) -> None:
@@ -267,7 +251,7 @@ def _decide_dedup(c: dict[str, np.ndarray], th, cfg) -> tuple[np.ndarray, dict[s
     survivor is the largest image, then the smallest id (``curation.dedup``)."""
     from . import dedup
 
-    labels = dedup.cluster(c["phash"], c["content"], th.max_hamming)
+    labels = dedup.cluster(c["phash"], c["content"], th.max_hamming, distributed=th.distributed)
     win = dedup.survivors(labels, c["area"], c["id"])
     losers = win != np.arange(len(win))
     return losers, {"dup_of": np.where(losers, c["id"][win], None)}
@@ -278,8 +262,14 @@ def _collect_semdedup(v: Cols, cfg) -> dict[str, np.ndarray]:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     dim = col.type.list_size
-    out = {"emb": col.flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(-1, dim),
-           "id": v.strings("id"), "pixels": v.f("width", 0) * v.f("height", 0)}
+    # The child values as stored, null rows included (``flatten()`` drops them and would shift every
+    # later row against its id); a row without an embedding becomes NaN, which semantic dedup
+    # keeps, unclustered, with no semdup_of. (The decision pass passes candidates only, rows with an
+    # embedding; this keeps the collector right on any table.)
+    emb = col.values.slice(col.offset * dim, len(col) * dim).to_numpy(zero_copy_only=False)
+    emb = emb.astype(np.float16).reshape(len(col), dim)
+    emb[~np.asarray(col.is_valid(), bool)] = np.nan
+    out = {"emb": emb, "id": v.strings("id"), "pixels": v.f("width", 0) * v.f("height", 0)}
     for key in cfg.thresholds.semdedup.rank:
         if key not in out:
             out[key] = v.f(key, -np.inf)

@@ -135,7 +135,11 @@ class StageScorer:
         datas: list[bytes | None] = [None] * n
         idx: list[int] = []
         images: list | None = [] if plan.decode else None
-        scale: list[float] = []
+        grids: list = []
+        # Blockiness reads the luma at full scale (the file's own 8x8 grid), not the working image.
+        grid_crop = 0
+        if "compression" in plan.active:
+            from .quality import BLOCKINESS_CROP as grid_crop
         for i in range(n):
             caption = col["caption"][i]
             if caption is None and col["caption_path"][i]:
@@ -158,14 +162,14 @@ class StageScorer:
                 if s.store_image == "source":
                     out["image"][i] = data
                 continue
-            d = decode(data, s.working_size, s.max_pixels)
+            d = decode(data, s.working_size, s.max_pixels, grid_crop)
             out["content_hash"][i], out["error"][i] = d.content_hash, d.error
             if d.error:
                 continue
             out["width"][i], out["height"][i] = d.width, d.height
             out["format"][i], out["exif_orientation"][i] = d.format, d.orientation
             images.append(d.image)
-            scale.append(d.image.size[0] / max(1, d.width))
+            grids.append(d.grid)
             idx.append(i)
             if s.store_image == "source":
                 out["image"][i] = data
@@ -173,7 +177,7 @@ class StageScorer:
                 out["image"][i] = encode_jpeg(d.image, s.store_quality)
 
         b = Batch(out, idx, images, datas, self.models, self.cfg, self.cache)
-        b.scale = scale
+        b.grids = grids
         for name in plan.active:
             fn = FILTERS[name].score
             if fn is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -107,6 +109,25 @@ def test_corrupt_idat_with_valid_crcs_is_broken_whatever_decodes_first(base):
     from PIL import Image as PILImage
 
     data = samples.corrupt_idat_png(base)
-    PILImage.open(__import__("io").BytesIO(data)).verify()  # every CRC is valid
+    PILImage.open(io.BytesIO(data)).verify()  # every CRC is valid
     d = decode(data, 256, MAX_PIXELS)
     assert d.image is None and d.error, d
+
+
+def test_grid_is_the_full_scale_luma_whatever_the_working_size():
+    """Blockiness reads ``Decoded.grid``: for a JPEG drafted to the working size, a second decode in
+    grey at DCT scale 1 (the file's 8x8 grid); for a PNG, the full-scale pixels before reducing."""
+    from curation.quality import DEFAULT_MAX_BLOCKINESS, blockiness
+
+    photo = dict(samples.real_photos())["astronaut"].resize((1000, 840))
+    q10 = samples.jpeg(photo, 10)
+    full = np.asarray(Image.open(io.BytesIO(q10)).convert("L"), np.int16)
+    for data in (q10, samples.png(Image.open(io.BytesIO(q10)))):
+        d = decode(data, 256, MAX_PIXELS, grid_crop=512)
+        assert min(d.image.size) < 840 and d.grid.shape == (512, 512) and d.grid.dtype == np.uint8
+        # The centre crop, 8-aligned: (1000 - 512) // 2 // 8 * 8 = 240, (840 - 512) // 2 // 8 * 8 = 160.
+        assert np.abs(d.grid.astype(np.int16) - full[160:672, 240:752]).mean() < 1.0
+        assert blockiness(d.grid) > DEFAULT_MAX_BLOCKINESS
+    assert decode(q10, 256, MAX_PIXELS).grid is None  # only when asked
+    clean = decode(samples.jpeg(photo, 92), 256, MAX_PIXELS, grid_crop=512)
+    assert blockiness(clean.grid) < DEFAULT_MAX_BLOCKINESS

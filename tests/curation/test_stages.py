@@ -24,8 +24,11 @@ from curation.cli import CONFIGS
 from curation.cli import main as cli_main
 from curation.config import BalanceRule, load_config
 from curation.decide import decide
+from curation.filters import Cols, _collect_semdedup
 from curation.run import rethreshold, run_stage
-from curation.schema import EMBEDDING, SCORING_SCHEMA
+from curation.schema import EMBEDDING, SCORING_SCHEMA, scoring_schema
+from curation.semdedup import semantic_dedup
+from curation.stage import _embedding_array
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,7 +153,7 @@ def test_stage4_chained_on_stage1_reads_kept_rows_with_lineage(chain, alone):
     ref = {r["id"]: r["reject_reason"] for r in _frame(alone[0]).iter_rows(named=True)}
     assert {r["id"]: r["reject_reason"] for r in child.iter_rows(named=True)} == {i: ref[i] for i in child["id"]}
     # Stage 1's scores travel down (nsfw was skipped there, so it has none to pass on).
-    assert child["clip_score"].to_list() == [dict(zip(kept["id"], kept["clip_score"]))[i] for i in child["id"]]
+    assert child["clip_score"].to_list() == [dict(zip(kept["id"], kept["clip_score"], strict=True))[i] for i in child["id"]]
 
 
 def test_stage5_on_stage4_table_decides_from_copied_sizes(chain, s4):
@@ -228,18 +231,28 @@ def test_semdedup_filter_on_planted_near_duplicates(ray_local):
         v = e[src] + rng.normal(scale=0.005, size=d)
         e[dst] = v / np.linalg.norm(v)
     aest = np.linspace(4, 7, n)  # higher for later rows: rows 100/101 beat row 0
+    # Rows without an embedding (CLIP did not run for them), before and between the planted copies:
+    # not deduped, kept, and no other row's decision shifts onto the wrong id.
+    no_emb = {1, 3, 50, 150, 250}
     cols = {f.name: pa.nulls(n, f.type) for f in SCORING_SCHEMA}
     cols.update(id=pa.array([f"r{i:03d}" for i in range(n)]), width=pa.array([512] * n, pa.int32()),
                 height=pa.array([512] * n, pa.int32()), aesthetic=pa.array(aest, pa.float32()),
                 skipped=pa.array([[]] * n, pa.list_(pa.string())),
-                clip_embedding=pa.FixedSizeListArray.from_arrays(pa.array(e.astype(np.float16).ravel()), d))
-    t = pa.Table.from_pydict(cols, schema=pa.schema([f if f.name != EMBEDDING else pa.field(EMBEDDING, pa.list_(
-        pa.float16(), d)) for f in SCORING_SCHEMA]))
+                clip_embedding=_embedding_array([None if i in no_emb else e[i] for i in range(n)], d))
+    t = pa.Table.from_pydict(cols, schema=scoring_schema(d))
     cfg = load_config(None, {"filters": ["broken", "semdedup"], "thresholds.semdedup.eps": 0.01,
                              "thresholds.semdedup.n_clusters": 4})
     got = decide(t, cfg).to_pydict()
     rej = {i: o for i, r, o in zip(got["id"], got["reject_reason"], got["semdup_of"], strict=True) if r}
     assert rej == {"r000": "r101", "r100": "r101", "r005": "r200"}
+    # The collector alone, on every row (nulls included): each id keeps its own embedding.
+    c = _collect_semdedup(Cols(t), cfg)
+    assert list(c["id"]) == [f"r{i:03d}" for i in range(n)]
+    assert np.isnan(c["emb"][sorted(no_emb)]).all()
+    have = [i for i in range(n) if i not in no_emb]
+    np.testing.assert_array_equal(c["emb"][have], e[have].astype(np.float16))
+    keep, of, _ = semantic_dedup(c["id"], c["emb"], [c["aesthetic"]], 0.01, 4)
+    assert all(keep[i] and of[i] is None for i in no_emb) and (~keep).sum() == 3
 
 
 def test_stage4_resume_after_kill_minus_9(alone, s4, tmp_path):
