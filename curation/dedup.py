@@ -377,6 +377,8 @@ def distributed_pairs(hashes: np.ndarray, d: int, how: tuple[str, int] | None = 
     if kind != "cover":  # a plan for a small input: keys about log2(n) bits wide
         s = min(BLOCKS - d, math.ceil(math.log2(len(h)) / BLOCK_BITS))
     keys = covering(s, d)
+    if not ray.is_initialized():  # a --rethreshold run has no Ray yet; under `ray job submit` this joins the cluster
+        ray.init(include_dashboard=False, ignore_reinit_error=True)
     parts = partitions or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
     out = (ray.data.from_arrow(pa.table({"h": pa.array(h, pa.uint64())}))
            .map_batches(_emit_keys, batch_format="numpy",

@@ -146,14 +146,32 @@ def test_components_merge_repeated_and_chained_pairs():
     assert lab[0] == lab[1] == lab[2] != lab[3] == lab[4] != lab[5]
 
 
-def test_distributed_join_equals_local(ray_local):
-    """The Ray Data shuffle (keys hash-partitioned through groupby) finds the same pairs."""
-    h = _planted(6)
-    got = dedup.near_components(h, 6, ("cover", 4), distributed=True, partitions=3)
-    want = dedup.near_components(h, 6, ("cover", 4))
-    _, got_c = np.unique(got, return_inverse=True)
-    _, want_c = np.unique(want, return_inverse=True)
-    # Same partition of the hashes into components (labels may differ by name).
-    pairs = {(a, b) for a, b in zip(got_c.tolist(), want_c.tolist(), strict=True)}
-    assert len(pairs) == len(set(got_c.tolist())) == len(set(want_c.tolist()))
-    assert len(set(want_c.tolist())) < len(h)
+def test_distributed_config_field_gives_the_same_decisions(ray_local):
+    """``thresholds.dedup.distributed`` reaches the decision pass's dedup rule (the ``FILTERS`` entry
+    it calls) and changes nothing but where the key join runs: same losers, same survivors."""
+    from curation.config import load_config
+    from curation.filters import FILTERS
+
+    rng = np.random.default_rng(3)
+    phash = np.concatenate([_planted(6), _planted(3)])
+    n = len(phash)
+    content = rng.integers(0, n // 2, n).astype(np.uint64)  # some exact copies with unrelated pHashes
+    c = {"phash": phash, "content": content, "area": rng.integers(1, 5, n) * 100,
+         "id": np.array([f"id{i:05d}" for i in rng.permutation(n)], object)}
+    out = {}
+    for flag in (False, True):
+        cfg = load_config(None, {"thresholds.dedup.distributed": flag})
+        assert cfg.thresholds.dedup.distributed is flag
+        out[flag] = FILTERS["dedup"].decide_global(c, cfg.thresholds.dedup, cfg)
+    (lose_a, cols_a), (lose_b, cols_b) = out[False], out[True]
+    assert lose_a.sum() > n // 4 and (lose_a == lose_b).all()
+    assert cols_a["dup_of"].tolist() == cols_b["dup_of"].tolist()
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_distributed_config_field_rejects_a_non_bool_at_load(value):
+    from common.typed_config import ConfigError
+    from curation.config import load_config
+
+    with pytest.raises(ConfigError, match=r"thresholds\.dedup\.distributed"):
+        load_config(None, {"thresholds.dedup.distributed": value})
