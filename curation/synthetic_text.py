@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from common.figures import fig_png
 from common.typed_config import ConfigError, build, read_yaml, set_dotted
@@ -474,7 +475,8 @@ def draw(im: Image.Image, blocks: list[Block], rng, light_bg: bool | None, panel
             ImageDraw.Draw(over).rounded_rectangle(region, radius=10, fill=panel)
             im = Image.alpha_composite(im.convert("RGBA"), over).convert("RGB")
         else:
-            im = im.filter(ImageFilter.GaussianBlur(1.0))  # soften texture under thin strokes
+            # soften texture under thin strokes: sigma 1 as Pillow's GaussianBlur(1.0), ~5x cheaper
+            im = Image.fromarray(cv2.GaussianBlur(np.asarray(im), (0, 0), 1.0))
             stroke = 1
             stroke_fill = (255, 255, 255) if light_bg else (0, 0, 0)
     d = ImageDraw.Draw(im)
