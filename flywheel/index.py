@@ -34,6 +34,7 @@ from flywheel.store import delete_keys, open_table, read, sha1, storage_options,
 log = logging.getLogger(__name__)
 TABLE = "pool_index"
 VECTORS = ("text_vector", "image_vector")
+ROW_COLUMNS = ("id", "pool", "pool_version", "kind", "base_id", "keep", "reject_reason", "text", "categories")
 
 
 # --------------------------------------------------------------------------- caption text
@@ -231,15 +232,22 @@ def _maintain_indices(tbl, cfg: IndexConfig, n: int, changed: bool) -> str:
         built = have.get(col)
         if built is None or (built.num_indexed_rows or 0) * 2 <= n:
             vector_index(tbl, col, cfg, n)
-    return f"IVF_PQ ({max(1, n // cfg.rows_per_partition)} partitions)"
+    p = index_params(n, tbl.schema.field(VECTORS[0]).type.list_size, cfg)
+    return f"IVF_PQ ({p['num_partitions']} partitions, {p['num_sub_vectors']} sub-vectors)"
+
+
+def index_params(n: int, dim: int, cfg: IndexConfig) -> dict[str, int]:
+    """IVF_PQ parameters from the row count: partitions = rows / rows_per_partition (the IVF training
+    sample and each probe's scan stay constant per partition), sub-vectors = dim / sub_vector_dim."""
+    return {"num_partitions": max(1, n // cfg.rows_per_partition), "num_sub_vectors": _sub_vectors(dim, cfg.sub_vector_dim)}
 
 
 def vector_index(tbl, col: str, cfg: IndexConfig, n: int) -> None:
-    """IVF_PQ (cosine) on `col`, sized from the row count."""
-    dim = tbl.schema.field(col).type.list_size
-    tbl.create_index(metric="cosine", vector_column_name=col, index_type="IVF_PQ",
-                     num_partitions=max(1, n // cfg.rows_per_partition),
-                     num_sub_vectors=_sub_vectors(dim, cfg.sub_vector_dim), replace=True)
+    """IVF_PQ (cosine) on `col`, sized from the row count (:func:`index_params`)."""
+    from lancedb.index import IvfPq
+
+    tbl.create_index(col, config=IvfPq(distance_type="cosine", **index_params(n, tbl.schema.field(col).type.list_size, cfg)),
+                     replace=True)
 
 
 def _sub_vectors(dim: int, sub: int) -> int:
@@ -267,8 +275,7 @@ class PoolIndex:
         `similarity` (exact cosine of the caption embedding) and `fts_match`."""
         from lancedb.rerankers import RRFReranker
 
-        cols = ["id", "pool", "pool_version", "kind", "base_id", "keep", "reject_reason", "text", "categories",
-                "text_vector"]  # _distance / _score are added by the search
+        cols = [*ROW_COLUMNS, "text_vector"]  # _distance / _score are added by the search
         q = self.tbl.search(query_type="hybrid", vector_column_name="text_vector").vector(vector).text(_fts_query(text))
         q = self._tune(q.distance_type("cosine"), "text_vector").rerank(RRFReranker(return_score="all"))
         if where:
@@ -276,15 +283,22 @@ class PoolIndex:
         r = q.limit(k).select(cols).to_arrow()
         return _with_similarity(r, vector, fts=True)
 
+    def nearest(self, vector: np.ndarray, k: int, column: str = "text_vector", where: str | None = None,
+                columns: tuple[str, ...] = ROW_COLUMNS) -> pa.Table:
+        """Vector-only top-k by cosine on `column` (IVF_PQ with nprobes / refine once indexed, else
+        exact); adds `similarity` = 1 - cosine distance."""
+        q = self.tbl.search(vector, vector_column_name=column).distance_type("cosine")
+        q = self._tune(q, column).limit(k)
+        if where:
+            q = q.where(where, prefilter=True)
+        r = q.select([*columns, "_distance"]).to_arrow()
+        return r.append_column("similarity", pa.array((1.0 - r["_distance"].to_numpy()).astype(np.float32)))
+
     def images(self, vector: np.ndarray, k: int, where: str | None = None) -> pa.Table:
         """Top-k pool images by cosine between the prompt's text embedding and the stored image
         embeddings (CLIP's text-to-image direction)."""
         cond = "has_image_vector = true" + (f" AND ({where})" if where else "")
-        q = self.tbl.search(vector, vector_column_name="image_vector").distance_type("cosine")
-        q = self._tune(q, "image_vector").where(cond, prefilter=True).limit(k)
-        r = q.select(["id", "pool", "pool_version", "kind", "base_id", "keep", "reject_reason", "text",
-                      "categories"]).to_arrow()
-        return r.append_column("similarity", pa.array((1.0 - r["_distance"].to_numpy()).astype(np.float32)))
+        return self.nearest(vector, k, "image_vector", cond)
 
     def category_counts(self) -> dict[str, int]:
         import pyarrow.compute as pc
