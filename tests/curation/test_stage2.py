@@ -144,6 +144,18 @@ def test_judge_retries_pauses_through_an_outage_and_records_failures():
         assert seen["add a ball (busy)"] == 2 and seen["add a ball (garbled)"] == 3  # retried / re-asked
         assert got[0] == (7.0, 9.0, None) and got[2] == (7.0, 9.0, None)
         assert got[1][:2] == (None, None) and got[1][2].startswith("schema after 3 attempts")
+        # the stage's judge filter writes those scores into the batch's score columns
+        from curation.filters import FILTERS
+        from curation.stage2_filters import PairBatch
+        from curation.stage2_schema import PAIR_SCORING_SCHEMA
+
+        out = {f.name: [None] * 3 for f in PAIR_SCORING_SCHEMA}
+        out.update(id=["p0", "p1", "p2"], instruction_en=["add a hat", None, "add a ball (garbled)"],
+                   instruction_zh=[None, "加一顶帽子", None])
+        pcfg = load_pair_config(None, {"scoring.judge.url": server.url, "scoring.judge.backoff_s": 0.05})
+        FILTERS["judge"].score(PairBatch(out, [0, 1, 2], [im] * 3, [im] * 3, {}, pcfg, {}))
+        assert out["judge_instruction"] == [7.0, 7.0, None] and out["judge_consistency"][:2] == [9.0, 9.0]
+        assert out["judge_error"][:2] == [None, None] and out["judge_error"][2].startswith("schema")
         port = server.httpd.server_address[1]
     # an outage: the server comes back on the same port 1 s later; the requests wait, none fails
     back = T.ScriptedServer(answer, port=port)
