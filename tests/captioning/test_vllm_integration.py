@@ -158,3 +158,65 @@ def test_truncated_answers_are_recorded_as_failed_then_replaced_in_place(curated
     assert sorted(r["id"] for r in after) == sorted(kept)  # replaced in place, never appended
     assert sum(r["caption_status"] == "ok" for r in after) >= len(kept) // 2
 
+
+
+def _committed(uri: str) -> int:
+    try:
+        return lance.dataset(uri).count_rows()
+    except (ValueError, OSError):
+        return 0
+
+
+def test_the_real_server_killed_and_restarted_mid_run_pauses_one_run_and_stops_the_impatient_one(
+        curated, vllm_server, tmp_path):
+    """Two runs against the real vLLM server; mid-run the server's whole process group is killed
+    (SIGKILL: connections reset, the port refused) and a new server started on the same port. The run
+    with the default --server-patience pauses through the restart and ends with exit 0, every row ok
+    or failed for a non-connection reason; the run with --server-patience 2 exits 3 with one line,
+    its finished rows committed, and the same command run again completes. (Kept last in the module:
+    the session's server is restarted.)"""
+    kept = kept_ids(curated)
+    config = {**TEST_CONFIG, "concurrency": 1, "commit_every": 2, "ocr_engine": "none", "backoff_s": 0.2,
+              "backoff_max_s": 1.0}
+    outs = {name: str(tmp_path / name / "captions.lance") for name in ("patient", "brief")}
+    cmds = {name: caption_cli(curated, out, vllm_server.url, *(["--server-patience", "2"] if name == "brief" else []),
+                              config=config, tmp=tmp_path) for name, out in outs.items()}
+    procs = {name: subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, cmd in cmds.items()}
+    try:
+        deadline = time.monotonic() + 300
+        while (min(_committed(o) for o in outs.values()) < 2 and time.monotonic() < deadline
+               and all(p.poll() is None for p in procs.values())):
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in procs.values()), "a run ended before the outage"
+        os.killpg(vllm_server.proc.pid, signal.SIGKILL)
+        vllm_server.proc.wait(timeout=30)
+        brief_out, brief_err = procs["brief"].communicate(timeout=120)
+        vllm_server.start(timeout_s=600)  # the same port: what the patient run is probing
+        patient_out, patient_err = procs["patient"].communicate(timeout=600)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+        if vllm_server.proc.poll() is not None:  # leave the session's server running for later tests
+            vllm_server.start(timeout_s=600)
+
+    assert procs["patient"].returncode == 0, patient_err[-3000:]
+    assert "server unreachable" in patient_out and "paused" in patient_out
+    rows = lance.dataset(outs["patient"]).to_table().to_pylist()
+    assert {r["id"] for r in rows} == kept and len(rows) == len(kept)
+    assert not [r["caption_error"] for r in rows if r["caption_error_kind"] in ("connection", "timeout")]
+
+    err = brief_err.strip().splitlines()
+    assert procs["brief"].returncode == 3 and len(err) == 1, brief_err[-3000:]
+    assert "unreachable for 2 s (--server-patience)" in err[0] and "rerun the same command to resume" in err[0]
+    first = {r["id"]: r for r in lance.dataset(outs["brief"]).to_table().to_pylist()}
+    assert 2 <= len(first) < len(kept)
+    assert not [r for r in first.values() if r["caption_error_kind"] in ("connection", "timeout")]
+    again = run_cli(cmds["brief"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    ok_first = sum(r["caption_status"] == "ok" for r in first.values())
+    assert f"skipped {ok_first} already captioned" in again.stdout
+    after = {r["id"]: r for r in lance.dataset(outs["brief"]).to_table().to_pylist()}
+    assert set(after) == kept and lance.dataset(outs["brief"]).count_rows() == len(kept)
+    assert all(after[i]["captioned_at"] == r["captioned_at"] for i, r in first.items() if r["caption_status"] == "ok")
