@@ -106,6 +106,26 @@ class ParallelConfig:
     without Inductor's code generation, which takes minutes on CPU (tests)."""
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    placement_strategy: str = "PACK"
+    """Ray placement-group strategy of the worker bundles (Ray Train's ScalingConfig): PACK (Ray's
+    default: as few nodes as possible, spill over when full), SPREAD (over nodes where possible),
+    STRICT_PACK (all on one node), STRICT_SPREAD (one worker per node; the run waits until there are
+    ``workers`` nodes with the resources)."""
+    cpus_per_worker: float = 1.0
+    """CPUs each Ray Train worker reserves (its bundle); GPUs are one per worker with use_gpu."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with use_gpu, gloo otherwise), gloo or nccl. Both
+    rendezvous over TCP at rank 0's node (MASTER_ADDR/MASTER_PORT set by Ray Train); gloo also moves
+    the tensors over TCP, so every node must reach every other on Ray's worker ports."""
+    timeout_s: int = 1800
+    """Timeout of process-group collectives: a rank blocked this long in a collective raises."""
+
+
 # Fixed validation prompts: both languages, plain scenes and text rendering (quoted text to draw).
 VALIDATION_PROMPTS: tuple[str, ...] = (
     "A red fox sitting in fresh snow at sunrise, soft light, detailed fur",
@@ -140,6 +160,9 @@ class MonitorConfig:
     """Log the loss per timestep bucket: [0, 1) cut into this many equal bins of the progress t."""
     peak_tflops: float | None = None
     """Per-device peak for MFU; None: looked up from the GPU name (bf16 dense), or the stated CPU peak."""
+    log_consumed: bool = False
+    """Append each rank's latent and text rows of every step to <run>/consumed/rank_R.jsonl (an audit
+    of the data position across restarts; tests). About 8 bytes per sample per step: off for long runs."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,7 +183,8 @@ class TrainConfig:
     """Ray Train workers (one per GPU with use_gpu)."""
     use_gpu: bool = False
     max_failures: int = 3
-    """Worker failures Ray Train recovers from by restarting from the latest checkpoint."""
+    """Worker failures Ray Train recovers from (FailureConfig): the whole worker group restarts from
+    the latest checkpoint, at that checkpoint's data position. -1: retry without limit."""
     init_from: str | None = None
     """A previous stage's checkpoint directory (or run dir: its latest step_*): its weights start this
     stage; the optimizer and schedule start fresh. Ignored when this run resumes from its own checkpoint."""
@@ -175,6 +199,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
@@ -229,6 +254,14 @@ def validate(c: TrainConfig):
     _check(c.parallel.mixed_precision in ("bf16", "fp32"), "parallel.mixed_precision", "must be 'bf16' or 'fp32'")
     _check(c.parallel.compile_backend in ("inductor", "aot_eager", "eager"), "parallel.compile_backend",
            "must be inductor, aot_eager or eager")
+    k = c.cluster
+    _check(k.placement_strategy in PLACEMENT_STRATEGIES, "cluster.placement_strategy",
+           f"unknown strategy {k.placement_strategy!r}; choose one of {', '.join(PLACEMENT_STRATEGIES)}")
+    _check(k.cpus_per_worker >= 0, "cluster.cpus_per_worker", "must be >= 0")
+    _check(k.backend in ("auto", "gloo", "nccl"), "cluster.backend", "must be auto, gloo or nccl")
+    _check(k.backend != "nccl" or c.use_gpu, "cluster.backend", "nccl needs use_gpu (CPU runs use gloo)")
+    _check(k.timeout_s > 0, "cluster.timeout_s", "must be > 0")
+    _check(c.max_failures >= -1, "max_failures", "must be >= 0, or -1 for no limit")
     v = c.validation
     _check(v.every >= 0, "validation.every", "must be >= 0 (0 disables)")
     _check(len(v.prompts) > 0 or v.every == 0, "validation.prompts", "needs at least one prompt")

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -96,6 +96,15 @@ def check_against_cache(cfg: TrainConfig, index: LatentIndex) -> None:
 # ---------------------------------------------------------------- checkpoint state
 
 
+def data_position(cfg: TrainConfig, index: LatentIndex, step: int) -> dict:
+    """Where the data stream stands after ``step`` steps. The batch of a step is a pure function of
+    (seed, step) over the index of pinned table versions, so this is the whole loader state: a resume
+    from it draws exactly the batches an uninterrupted run would."""
+    return {"next_step": step, "samples_consumed": step * cfg.data.global_batch_size, "seed": cfg.data.seed,
+            "global_batch_size": cfg.data.global_batch_size, "latents_version": index.latents_version,
+            "text_version": index.text_version}
+
+
 def save_checkpoint(d: str, model, opt, sched, ema: EMA | None, step: int, extra: dict, sample: torch.Tensor | None = None) -> None:
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=False))
     state = {"model": msd, "optim": osd}
@@ -108,7 +117,8 @@ def save_checkpoint(d: str, model, opt, sched, ema: EMA | None, step: int, extra
             np.save(Path(d, "sample_latent.npy"), sample.float().cpu().numpy())
 
 
-def load_checkpoint(d: str, model, opt, sched, ema: EMA | None) -> int:
+def load_checkpoint(d: str, model, opt, sched, ema: EMA | None) -> dict:
+    """Restore the shards in place; returns the checkpoint's trainer_state.json (step, data_position, ...)."""
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=False))
     state = {"model": msd, "optim": osd}
     if ema is not None:
@@ -117,7 +127,7 @@ def load_checkpoint(d: str, model, opt, sched, ema: EMA | None) -> int:
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     ts = json.loads(Path(d, "trainer_state.json").read_text())
     sched.load_state_dict(ts["scheduler"])
-    return int(ts["step"])
+    return ts
 
 
 def load_weights(d: str, model, ema: EMA | None, from_ema: bool) -> None:
@@ -245,10 +255,21 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            start = load_checkpoint(d, model, opt, sched, ema)
+            ts = load_checkpoint(d, model, opt, sched, ema)
+        start = int(ts["step"])
+        pos, now = ts.get("data_position"), data_position(cfg, index, start)
+        if rank == 0:
+            # A rerun with another seed, batch size or cache version resumes the weights but draws
+            # another data stream from here: say so (a restart after a failure never does).
+            same = pos is None or pos == now
+            print(f"[{cfg.name}] resumed from step {start} at data position {now}"
+                  + ("" if same else f"; the checkpoint's data position was {pos}: the data stream differs"), flush=True)
     elif cfg.init_from:
         load_weights(cfg.init_from, model, ema, cfg.init_from_ema)
     null = tuple(t.to(device) for t in null_text(index, cfg.data.max_text_len))
+    consumed = Path(log_path).parent / "consumed" / f"rank_{rank}.jsonl" if log_path and cfg.monitor.log_consumed else None
+    if consumed is not None:
+        consumed.parent.mkdir(parents=True, exist_ok=True)
     extra = {"model_args": dataclasses.asdict(model.args), "flow_args": dataclasses.asdict(fa), "semantic_stats": sem_stats,
              "vae": meta.get("vae"), "config": config["config"]}
 
@@ -270,6 +291,14 @@ def train_loop_per_worker(config: dict) -> None:
         mine = plans[rank * n_micro:(rank + 1) * n_micro]
         mbs = [load_micro_batch(index, mp, keep_c, d.max_text_len, device, sem_stats, sem_c) for mp in mine]
         res = train_step(model, opt, sched, ema, mbs, fa, null, o.grad_clip, buckets, flops)
+        if consumed is not None:
+            line = json.dumps({"step": step + 1, "resumed_from": start, "latent_rows": [int(r) for mp in mine for r in mp.latent_rows],
+                               "text_rows": [int(r) for mp in mine for r in mp.text_rows]}) + "\n"
+            fd = os.open(consumed, os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # one write per line: a kill leaves whole lines
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
         window["time"] += time.perf_counter() - t0
         window["steps"] += 1
         window["tokens"] += res["tokens"]
@@ -318,7 +347,7 @@ def train_loop_per_worker(config: dict) -> None:
                 with ema.applied(model) if ema is not None else contextlib.nullcontext():
                     sample = smoke_sample(model, index, cfg, fa, device, null)
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, model, opt, sched, ema, done, extra, sample)
+                save_checkpoint(tmp, model, opt, sched, ema, done, {**extra, "data_position": data_position(cfg, index, done)}, sample)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{done:08d}")
     mon.close()
 
@@ -402,10 +431,15 @@ def fit(cfg: TrainConfig, data: str, storage: str, log_path: str | None = None):
     if cfg.validation.every:
         loop_config["validation_states"] = encode_prompts(index.meta, cfg.validation.prompts, cfg.use_gpu)
         loop_config["validation_bucket"] = nearest_bucket(1, 1, bucket_table(cfg.data.resolution, int(index.meta.get("bucket_multiple", 32))))
+    k = cfg.cluster
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+        torch_config=TorchConfig(backend=None if k.backend == "auto" else k.backend, timeout_s=k.timeout_s),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, placement_strategy=k.placement_strategy,
+                                     resources_per_worker={"CPU": k.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+        # A lost worker (process killed, node gone) fails the worker group; Ray Train then restarts
+        # all workers from the latest reported checkpoint, which holds the data position.
         run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )

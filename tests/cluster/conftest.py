@@ -87,11 +87,12 @@ class Cluster:
             time.sleep(2)
         raise RuntimeError(f"cluster did not reach {n} nodes in {timeout}s: {self.logs()}")
 
-    def submit(self, *entrypoint: str, timeout: float = 480, runtime_env: dict | None = None
-               ) -> tuple[str, subprocess.CompletedProcess]:
+    def submit(self, *entrypoint: str, timeout: float = 480, runtime_env: dict | None = None,
+               submission_id: str | None = None) -> tuple[str, subprocess.CompletedProcess]:
         """``ray job submit --working-dir . -- <entrypoint>`` as the README says; returns
-        (submission id, the CLI's completed process)."""
-        sub_id = f"t{time.time_ns()}"
+        (submission id, the CLI's completed process). Give ``submission_id`` to watch the job
+        (``job``) while this call waits in another thread."""
+        sub_id = submission_id or f"t{time.time_ns()}"
         env = {**RUNTIME_ENV, **(runtime_env or {})}
         cmd = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--submission-id", sub_id,
                "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(env), "--", *entrypoint]

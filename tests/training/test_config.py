@@ -50,6 +50,10 @@ def _write(tmp_path, text):
     ("name: x\nsteps: 3\nparallel: {mixed_precision: bf16}\n", [], r"^parallel.mixed_precision: bf16 needs use_gpu"),
     ("steps: 3\n", [], r"^name: required field is missing"),
     ("name: x\nsteps: 3\nmodel: {preset: 3B}\n", [], r"^model.preset: unknown preset"),
+    ("name: x\nsteps: 3\n", ["cluster.placement_strategy=SPREAD_OUT"], r"^cluster.placement_strategy: unknown strategy 'SPREAD_OUT'"),
+    ("name: x\nsteps: 3\ncluster: {placment_strategy: PACK}\n", [], r"^cluster.placment_strategy: unknown field \(did you mean 'cluster.placement_strategy'\?\)"),
+    ("name: x\nsteps: 3\ncluster: {backend: nccl}\n", [], r"^cluster.backend: nccl needs use_gpu"),
+    ("name: x\nsteps: 3\nmax_failures: -2\n", [], r"^max_failures: must be >= 0, or -1"),
 ])
 def test_bad_config_fails_naming_the_field(tmp_path, text, override, field):
     with pytest.raises(ConfigError, match=field):
@@ -63,9 +67,16 @@ def test_overrides_are_typed_and_yaml_exponents_work(tmp_path):
         c.steps = 4  # frozen
 
 
-def test_train_cli_reports_a_misspelt_key_before_any_work(tmp_path):
-    cfg = _write(tmp_path, "name: x\nsteps: 3\nflow:\n  caption_dropuot: 0.1\n")
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), "--config", str(cfg), "--data", str(tmp_path)],
+@pytest.mark.parametrize("text,extra,message", [
+    ("name: x\nsteps: 3\nflow:\n  caption_dropuot: 0.1\n", [],
+     "error: flow.caption_dropuot: unknown field (did you mean 'flow.caption_dropout'?)"),
+    ("name: x\nsteps: 3\n", ["--set", "cluster.placement_strategy=strict_spread"],
+     "error: cluster.placement_strategy: unknown strategy 'strict_spread'; choose one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD"),
+])
+def test_train_cli_reports_a_bad_field_before_any_work(tmp_path, text, extra, message):
+    cfg = _write(tmp_path, text)
+    r = subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), "--config", str(cfg), "--data", str(tmp_path), *extra],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == "error: flow.caption_dropuot: unknown field (did you mean 'flow.caption_dropout'?)"
+    assert r.stderr.strip().splitlines()[-1] == message
+    assert not (ROOT / "out" / "train" / "x").exists()  # nothing started
