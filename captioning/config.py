@@ -38,7 +38,9 @@ class CaptionConfig:
     """Directory that holds prompts/ and schemas/."""
     max_tokens: int = 4096
     """Generation bound for a caption request. An answer cut at this bound is retried with twice the
-    bound, up to `max_tokens_cap`; still cut at the cap, the row fails with reason `length`."""
+    bound, up to `max_tokens_cap`; still cut, the general caption is asked again as shorter requests
+    (short + medium, then dense alone; server mode), and if one is still cut the row fails with
+    reason `length`."""
     route_max_tokens: int = 64
     """Generation bound for the routing request (three booleans fit in ~30 tokens); doubled on a cut
     answer like `max_tokens`."""
