@@ -8,7 +8,9 @@
     factor + blockiness; ``--skip aesthetic``) run by the job through Ray Data on the same files and
     cores — Ray start-up, Lance writes and the decision pass included.
 Files: JPEGs whose width and height are each 1024-1536 px (the 1024p bucket). Also printed: the
-per-image cost of each scorer on one core, which is where the time goes.
+CPU time per image of each step on one core (load-independent: where the time goes), and their sum
+against the full decode, the ratio a long run's scoring phase tends to on an idle machine, before
+the engine's own costs (file reads, Lance writes, Ray).
 The last line is ``stage4 chain/decode ratio: X.XX`` = (b) / (a).
 """
 
@@ -31,27 +33,35 @@ from curation.cli import CONFIGS  # noqa: E402
 from curation.config import load_config  # noqa: E402
 
 
-def scorer_costs(path: str, repeat: int = 3) -> dict[str, float]:
-    """Milliseconds per image of each step on one core (one file, best of ``repeat``)."""
+def scorer_costs(paths: list[str], repeat: int = 3) -> dict[str, float]:
+    """CPU milliseconds per image of each step on one core (mean over ``paths``, best of ``repeat``):
+    CPU time, so the figures hold on a loaded machine."""
+    import cv2
     from PIL import Image
 
     from curation.decode import decode
-    from curation.quality import blockiness, brisque_score, jpeg_quality
+    from curation.quality import BLOCKINESS_CROP, blockiness, brisque_score, jpeg_quality
 
-    data = Path(path).read_bytes()
-    d = decode(data, 512, 1 << 40)
-    block = round(8 * d.image.size[0] / d.width)
-    steps = {"full decode (a)": lambda: Image.open(io.BytesIO(data)).convert("RGB"),
-             "draft decode at 512": lambda: decode(data, 512, 1 << 40), "brisque": lambda: brisque_score(d.image),
-             "blockiness": lambda: blockiness(d.image, block), "jpeg_quality": lambda: jpeg_quality(data)}
+    cv2.setNumThreads(1)  # one core, as in a worker (curation.stage sets the same)
+    datas = [Path(p).read_bytes() for p in paths]
+    ds = [decode(data, 512, 1 << 40, BLOCKINESS_CROP) for data in datas]
+    steps = {"full decode (a)": lambda k: Image.open(io.BytesIO(datas[k])).convert("RGB"),
+             "draft decode at 512": lambda k: decode(datas[k], 512, 1 << 40),
+             "+ full-scale luma crop": lambda k: decode(datas[k], 512, 1 << 40, BLOCKINESS_CROP),
+             "brisque": lambda k: brisque_score(ds[k].image), "blockiness": lambda k: blockiness(ds[k].grid),
+             "jpeg_quality": lambda k: jpeg_quality(datas[k])}
     out = {}
     for name, fn in steps.items():
-        best = float("inf")
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t)
-        out[name] = best * 1e3
+        total = 0.0
+        for k in range(len(datas)):
+            best = float("inf")
+            for _ in range(repeat):
+                t = time.process_time()
+                fn(k)
+                best = min(best, time.process_time() - t)
+            total += best
+        out[name] = total / len(datas) * 1e3
+    out["+ full-scale luma crop"] -= out["draft decode at 512"]
     return out
 
 
@@ -66,7 +76,11 @@ def main() -> None:
     corpus = linked_subset(paths, work / f"corpus4-n{args.n}")
     print(f"corpus: {len(paths)} JPEGs, width and height 1024-1536 px, "
           f"{sum(os.path.getsize(p) for p in paths) / 1e6:.0f} MB, {cpus} cores")
-    print("per image, one core: " + ", ".join(f"{k} {v:.1f} ms" for k, v in scorer_costs(paths[0]).items()))
+    costs = scorer_costs(paths[:8])
+    print("CPU ms per image, one core: " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))
+    chain = sum(v for k, v in costs.items() if k not in ("full decode (a)",))
+    print(f"chain CPU per image {chain:.1f} ms vs full decode {costs['full decode (a)']:.1f} ms: "
+          f"CPU-bound ratio {costs['full decode (a)'] / chain:.2f}")
 
     decode_rate = bare_decode(paths, cpus)
     print(f"(a) bare Pillow full decode, {cpus} processes: {decode_rate:.1f} img/s")

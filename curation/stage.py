@@ -112,6 +112,10 @@ class StageScorer:
 
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
             device = "cuda" if cfg.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        if {"quality", "compression"} & set(plan.active):
+            import cv2  # its pthread pool takes every core: one per worker, as torch above
+
+            cv2.setNumThreads(max(1, int(cfg.cpus_per_worker)))
         self.models = build_models(cfg, plan, device)
         for m in self.models.values():
             m.setup()
