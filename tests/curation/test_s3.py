@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lance
@@ -131,7 +129,7 @@ def test_parquet_object_in_lance_out(s3, sample_config):
     assert t.column("caption").to_pylist().count(None) == 0 and t.column("error").null_count == 4
 
 
-def test_resume_after_kill_on_the_object_store(s3, sample_dir, sample_config):
+def test_resume_after_kill_on_the_object_store(s3, sample_dir, sample_config, kill_and_rerun):
     root, notes = sample_dir
     if not list_folder(f"s3://{BUCKET}/images").num_rows:
         _upload_folder(s3, root, "images")
@@ -139,19 +137,8 @@ def test_resume_after_kill_on_the_object_store(s3, sample_dir, sample_config):
     cmd = JOB + ["--input", f"s3://{BUCKET}/images", "--output", out, "--config", str(sample_config),
                  "--commit-every", "8", "--set", "batch_size=4", "--set", "num_workers=1",
                  "--skip", "clip,nsfw", "--num-cpus", "1", "--no-progress", "--no-report"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True, env=env, cwd=ROOT)
-    deadline = time.time() + 240
-    for line in p.stdout:
-        if "committed" in line or time.time() > deadline:
-            break
-    os.killpg(p.pid, signal.SIGKILL)  # the driver and every Ray process it started
-    p.wait()
-    partial = lance.dataset(out, storage_options=storage.storage_options(out)).count_rows()
-    assert 0 < partial < len(notes), partial
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=400)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    kill_and_rerun(cmd, lambda: lance.dataset(out, storage_options=storage.storage_options(out)).count_rows(),
+                   len(notes))
     t = _rows(out)
     assert t.num_rows == len(notes) and len(set(t.column("id").to_pylist())) == len(notes)
     assert t.column("keep").null_count == 0
