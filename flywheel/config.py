@@ -72,13 +72,15 @@ class IndexConfig:
     """Build an IVF_PQ index on the vectors once the table has this many rows; below it, exact search
     (flat scan beats an index on small tables and needs no training)."""
     rows_per_partition: int = 4096
-    """IVF partitions = rows / this (at least 1); rebuilt when the table doubles."""
-    sub_vector_dim: int = 16
-    """PQ sub-vector length; num_sub_vectors = dim / this."""
+    """IVF partitions = rows / this (at least 1; 244 at 1M rows); rebuilt when the table doubles."""
+    sub_vector_dim: int = 8
+    """PQ sub-vector length; num_sub_vectors = dim / this (96 bytes per 768-d vector). 16 halves the
+    code but its coarser distances mis-order close neighbours (lower recall before refinement)."""
     nprobes: int = 32
-    """IVF partitions probed per query."""
+    """IVF partitions probed per query (all of them below 32 x rows_per_partition rows)."""
     refine_factor: int = 10
-    """Re-rank refine_factor x k PQ candidates with exact distances (recall)."""
+    """Re-rank refine_factor x k PQ candidates with exact distances from the stored float32 vectors:
+    what lifts PQ recall above 0.95."""
     batch_size: int = 256
     """Captions per CLIP text batch (one Ray Data batch)."""
     num_cpus: int | None = None
