@@ -6,7 +6,9 @@
 Checkpoints, the metrics log (metrics.jsonl: loss, loss per timestep bucket, grad norm, lr, tokens/s,
 MFU), TensorBoard event files, validation images with their page (validation.html), a smoke sample and
 an HTML report (report.html) go to <storage>/<name>/. Rerunning the same command resumes from the latest checkpoint; worker failures
-restart from it automatically (max_failures).
+restart from it automatically (max_failures), at its data position. On a multi-node cluster, --storage and --data must be
+reachable from every node (object store or shared file system); --set cluster.placement_strategy=STRICT_SPREAD puts one
+worker per node (training/README.md, "On a multi-node cluster").
 """
 
 from __future__ import annotations

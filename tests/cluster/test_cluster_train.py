@@ -54,6 +54,11 @@ def _job_id(cluster, sub_id: str) -> str | None:
         return None
 
 
+def _alive_pair(cluster, job_id: str) -> list | None:
+    alive = [a for a in _train_workers(cluster, job_id) if a.state == "ALIVE" and a.pid]
+    return alive if len(alive) == 2 else None
+
+
 def _wait(what: str, cond, fut, timeout: float = 240, every: float = 0.3):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -65,6 +70,42 @@ def _wait(what: str, cond, fut, timeout: float = 240, every: float = 0.3):
             raise AssertionError(f"job ended while waiting for {what}: " + r.stdout[-3000:] + r.stderr[-2000:])
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _latest_checkpoint(run: Path) -> int | None:
+    try:
+        snap = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return None
+    latest = snap.get("latest_checkpoint_result")
+    return int(latest["checkpoint_dir_name"].split("_")[1]) if latest else None
+
+
+def _uninterrupted(cluster, cache: str, steps: int) -> dict[int, dict[int, tuple[list[int], list[int]]]]:
+    """rank -> step -> what an uninterrupted run feeds that rank: the trainer's step -> micro-batch
+    plan over the cache's index (built by a driver on the cluster, as jobs/train.py builds it)."""
+    import ray
+
+    from training.config import load_config
+    from training.data import build_index
+    from training.plan import plan_micro_batches
+
+    d = load_config(Path(__file__).parents[2] / "configs/train/debug_cpu.yaml", [f"data.global_batch_size={BATCH}"]).data
+    ray.init(address=f"127.0.0.1:{cluster.gcs_port}", include_dashboard=False, log_to_driver=False)
+    try:
+        index = build_index(cache)
+    finally:
+        ray.shutdown()
+    micro = d.micro_batch_size or BATCH // 2
+    n = BATCH // 2 // micro
+    out: dict = {0: {}, 1: {}}
+    for step in range(steps):
+        plans = plan_micro_batches(index, step, global_batch=BATCH, micro=micro, seed=d.seed, t2i_ratio=d.t2i_ratio,
+                                   caption_kinds=d.caption_kinds, caption_types=d.caption_types, languages=d.languages)
+        for rank in out:
+            mine = plans[rank * n:(rank + 1) * n]
+            out[rank][step + 1] = ([int(r) for mp in mine for r in mp.latent_rows], [int(r) for mp in mine for r in mp.text_rows])
+    return out
 
 
 def _consumed(run: Path) -> dict[int, list[dict]]:
@@ -82,20 +123,23 @@ def test_strict_spread_run_resumes_at_the_checkpoints_data_position_after_a_work
                f"ckpt_every={CKPT}", "keep_checkpoints=100", "log_every=1", "max_failures=1",
                f"data.global_batch_size={BATCH}", "monitor.log_consumed=true", "monitor.tensorboard=false"):
         args += ["--set", kv]
+    t0 = time.time()
     with ThreadPoolExecutor(1) as ex:
         fut = ex.submit(cluster.submit, *args, submission_id=sub_id)
         job_id = _wait("the job's driver", lambda: _job_id(cluster, sub_id), fut)
-        first = _wait("2 train workers", lambda: [a for a in _train_workers(cluster, job_id) if a.state == "ALIVE"][:2]
-                      if sum(a.state == "ALIVE" for a in _train_workers(cluster, job_id)) == 2 else None, fut)
+        first = _wait("2 train workers", lambda: _alive_pair(cluster, job_id), fut)
         # Ray Train's checkpoint manager records a checkpoint once the controller has registered it:
-        # from then on a restart resumes from it.
-        snap = run / "checkpoint_manager_snapshot.json"
-        _wait("a registered checkpoint", lambda: snap.is_file() and json.loads(snap.read_text()).get("latest_checkpoint_result"),
-              fut, every=0.1)
+        # from then on a restart resumes from it. Kill a couple of steps past it, so that the
+        # restarted attempt replays steps the first attempt already ran.
+        latest = _wait("a registered checkpoint", lambda: _latest_checkpoint(run), fut, every=0.1)
+        _wait(f"step {latest + 2}", lambda: max((x["step"] for x in _consumed(run).get(0, [])), default=0) >= latest + 2,
+              fut, every=0.05)
         victim = first[1]
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = max(x["step"] for x in _consumed(run)[0])
+        t_kill = time.time() - t0
         _, r = fut.result()
+    print(f"train job: worker killed at step {killed_at} after {t_kill:.0f} s, job ended after {time.time() - t0:.0f} s")
     info = cluster.job(sub_id)
     assert r.returncode == 0 and info.status == "SUCCEEDED", r.stdout[-4000:] + r.stderr[-2000:]
     assert killed_at < STEPS, "the run ended before the kill: nothing was tested"
@@ -122,18 +166,19 @@ def test_strict_spread_run_resumes_at_the_checkpoints_data_position_after_a_work
     assert max(x["step"] for x in rows) == STEPS
 
     # The data stream: attempt 1 consumed steps 1..k, attempt 2 steps r0+1..STEPS, each rank its own
-    # half of every global batch; the steps both attempts ran got identical rows, so attempt 2 started
-    # at exactly the checkpoint's data position (nothing skipped, nothing repeated).
+    # half of every global batch. Every step's rows are those an uninterrupted run draws, so the
+    # steps both attempts ran got identical rows: attempt 2 started at exactly the checkpoint's data
+    # position (nothing skipped, nothing repeated).
     consumed = _consumed(run)
     assert sorted(consumed) == [0, 1]
+    want = _uninterrupted(cluster, latent_cache, STEPS)
     for rank, lines in consumed.items():
         a1 = {x["step"]: x for x in lines if x["resumed_from"] == 0}
         a2 = {x["step"]: x for x in lines if x["resumed_from"] == r0}
         assert len(a1) + len(a2) == len(lines)
         assert sorted(a1) == list(range(1, max(a1) + 1)) and max(a1) >= r0
         assert sorted(a2) == list(range(r0 + 1, STEPS + 1))
-        overlap = sorted(set(a1) & set(a2))
-        assert overlap, "no step ran in both attempts"
-        for s in overlap:
-            assert a1[s]["latent_rows"] == a2[s]["latent_rows"] and a1[s]["text_rows"] == a2[s]["text_rows"], (rank, s)
+        for attempt in (a1, a2):
+            for step, x in attempt.items():
+                assert (x["latent_rows"], x["text_rows"]) == want[rank][step], (rank, step, x["resumed_from"])
         assert all(len(x["latent_rows"]) == BATCH // 2 for x in lines)
