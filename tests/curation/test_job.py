@@ -3,11 +3,8 @@ decision; rethreshold; tar/Parquet inputs; resume after kill -9; bad arguments s
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lance
@@ -158,7 +155,7 @@ def _decisions(out) -> dict:
     return {r["id"]: (r["keep"], r["reject_reason"], r["dup_of"]) for r in df.iter_rows(named=True)}
 
 
-def test_resume_after_kill_minus_9(ray_local, sample_dir, sample_config, cfg, tmp_path):
+def test_resume_after_kill_minus_9(ray_local, sample_dir, sample_config, cfg, tmp_path, kill_and_rerun):
     """kill -9 the job (driver and its Ray) after its first commit; the same command again ends
     with every row exactly once and the decisions of the uninterrupted run."""
     root, notes = sample_dir
@@ -168,19 +165,7 @@ def test_resume_after_kill_minus_9(ray_local, sample_dir, sample_config, cfg, tm
     cmd = JOB + ["--input", str(root), "--output", str(out), "--config", str(sample_config),
                  "--skip", "clip,nsfw", "--commit-every", "8", "--set", "batch_size=4",
                  "--set", "num_workers=1", "--num-cpus", "1", "--no-progress", "--no-report"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True, env=env, cwd=ROOT)
-    deadline = time.time() + 240
-    for line in p.stdout:
-        if "committed" in line or time.time() > deadline:
-            break
-    os.killpg(p.pid, signal.SIGKILL)  # the driver and every Ray process it started
-    p.wait()
-    partial = lance.dataset(str(out)).count_rows()
-    assert 0 < partial < len(notes), partial
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=400)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    kill_and_rerun(cmd, lambda: lance.dataset(str(out)).count_rows(), len(notes))
     df = _frame(out)
     assert df.height == len(notes) and df["id"].n_unique() == len(notes)
     assert _decisions(out) == _decisions(ref_out)
