@@ -14,9 +14,9 @@ The data: uniform random 768-d vectors have no neighbourhood structure (every po
 far from every other), so ANN recall on them says nothing about CLIP embeddings. CLIP embeddings are
 clustered and anisotropic, so the vectors here are a mixture of Gaussians on the unit sphere: N/500
 cluster centres (uniform on the sphere), each point = centre + a Gaussian offset in a shared
-128-d subspace with a power-law spectrum (variance of direction i ~ 1/i) + a small isotropic part,
-L2-normalised (cosine to its centre ~0.8). Queries are data points perturbed within the same
-subspace (a prompt near existing captions). image_vector is the text vector with its own offset.
+128-d subspace with a power-law spectrum (variance of direction i ~ 1/i, norm 0.8) + a small
+isotropic part (norm 0.1), L2-normalised. Queries are data points perturbed within the same subspace
+(half the spread: a prompt near existing captions). image_vector is the text vector with its own offset.
 Captions are 4 words drawn from the cluster's 5-word vocabulary + a row number (for BM25).
 
 Last line: `retrieval recall@10: X.XX`.
@@ -64,11 +64,11 @@ class Mixture:
         self.centres = c / np.linalg.norm(c, axis=1, keepdims=True)
         self.basis = np.linalg.qr(rng.normal(size=(dim, RANK)))[0].T.astype(np.float32)
         sig = np.arange(1, RANK + 1, dtype=np.float32) ** -0.5
-        self.sig = 0.7 * sig / np.linalg.norm(sig)
+        self.sig = 0.8 * sig / np.linalg.norm(sig)
 
-    def offset(self, rng, m: int, scale: float = 1.0) -> np.ndarray:
+    def offset(self, rng, m: int, scale: float = 1.0, iso: float = 0.1) -> np.ndarray:
         z = rng.normal(size=(m, RANK)).astype(np.float32) * self.sig * scale
-        return z @ self.basis + rng.normal(scale=0.15 * scale / np.sqrt(self.dim), size=(m, self.dim)).astype(np.float32)
+        return z @ self.basis + rng.normal(scale=iso / np.sqrt(self.dim), size=(m, self.dim)).astype(np.float32)
 
     def sample(self, rng, m: int) -> tuple[np.ndarray, np.ndarray]:
         c = rng.integers(0, self.k, m)
@@ -160,7 +160,7 @@ def main() -> None:
 
     rng = np.random.default_rng(2)
     qi = rng.integers(0, args.n, args.queries)
-    qv = _unit(data[qi].astype(np.float32) + mix.offset(rng, args.queries, 0.5))
+    qv = _unit(data[qi].astype(np.float32) + mix.offset(rng, args.queries, 0.5, iso=0.0))
     qtext = [" ".join(WORDS[rng.integers(0, len(WORDS), 2)]) for _ in qi]
     t0 = time.perf_counter()
     truth = exact_top(data, qv)
