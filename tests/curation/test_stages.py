@@ -191,8 +191,12 @@ def test_stage6_from_stored_scores_semdedup_and_balance(chain, s4, tmp_path):
     sem = df.filter(pl.col("reject_reason") == "semdedup")
     assert all(s >= 1 - 0.002 - 1e-3 for s in sem["semdup_similarity"])
     assert set(sem["semdup_of"]) <= set(df["id"])
-    bal = df.filter(pl.col("reject_reason") == "balance")
-    assert bal.height > 0 and df.filter(pl.col("keep")).height >= 1
+    # Balance decides the rows that reach it exactly as the rule does (ids hash the tmp paths, so
+    # which of a category's rows a cap keeps differs per run: compare with the rule, not a count).
+    reach = df.filter(pl.col("reject_reason").is_null() | (pl.col("reject_reason") == "balance"))
+    assert reach.height >= 2 and reach["category"].n_unique() < reach.height  # some category over cap 1
+    assert reach["keep"].to_list() == rebalance(reach["id"].to_list(), reach["category"].to_numpy(),
+                                                cfg6.thresholds.balance).tolist()
     page = Path(summary.report).read_text()
     assert "category distribution" in page
     # Deterministic: rethreshold with the same thresholds decides the same.
