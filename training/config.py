@@ -193,6 +193,9 @@ class TrainConfig:
     A checkpoint without an EMA fails naming this field."""
     fault_injection_step: int | None = None
     """Testing failure recovery: rank 1 raises before this step on a run that did not resume."""
+    min_step_seconds: float = 0.0
+    """Testing: every step lasts at least this long (the rest is slept), so that a test can kill a
+    worker mid-run however fast the machine is; 0 in real runs."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sefi: SeFiConfig = field(default_factory=SeFiConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -261,6 +264,7 @@ def validate(c: TrainConfig):
     _check(k.backend in ("auto", "gloo", "nccl"), "cluster.backend", "must be auto, gloo or nccl")
     _check(k.backend != "nccl" or c.use_gpu, "cluster.backend", "nccl needs use_gpu (CPU runs use gloo)")
     _check(k.timeout_s > 0, "cluster.timeout_s", "must be > 0")
+    _check(c.min_step_seconds >= 0, "min_step_seconds", "must be >= 0")
     _check(c.max_failures >= -1, "max_failures", "must be >= 0, or -1 for no limit")
     v = c.validation
     _check(v.every >= 0, "validation.every", "must be >= 0 (0 disables)")

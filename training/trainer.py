@@ -304,6 +304,8 @@ def train_loop_per_worker(config: dict) -> None:
         window["tokens"] += res["tokens"]
         window["flops"] += res["flops"]
         window["ti2i"] += sum(mp.ti2i for mp in plans) / len(plans)
+        if cfg.min_step_seconds:
+            time.sleep(max(0.0, cfg.min_step_seconds - (time.perf_counter() - t0)))
 
         done = step + 1
         is_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps

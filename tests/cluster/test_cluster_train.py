@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 
 import tiny  # noqa: E402  (tests/training/tiny.py: the training tests' tiny models and curated table)
 
-STEPS, CKPT, BATCH = 40, 4, 8
+STEPS, CKPT, BATCH = 30, 4, 8
 WORKER_CLASS = "RayTrainWorker"  # Ray Train V2's worker actor
 
 
@@ -121,7 +121,8 @@ def test_strict_spread_run_resumes_at_the_checkpoints_data_position_after_a_work
             "--storage", str(storage), "--workers", "2", "--steps", str(STEPS)]
     for kv in (f"name={name}", "cluster.placement_strategy=STRICT_SPREAD", "cluster.cpus_per_worker=1",
                f"ckpt_every={CKPT}", "keep_checkpoints=100", "log_every=1", "max_failures=1",
-               f"data.global_batch_size={BATCH}", "monitor.log_consumed=true", "monitor.tensorboard=false"):
+               f"data.global_batch_size={BATCH}", "monitor.log_consumed=true", "monitor.tensorboard=false",
+               "min_step_seconds=0.25"):  # >= 7.5 s of steps: the kill lands mid-run on a fast machine too
         args += ["--set", kv]
     t0 = time.time()
     with ThreadPoolExecutor(1) as ex:
