@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation import quality  # noqa: E402
+from curation.decode import decode  # noqa: E402
 from curation.samples import jpeg, png, real_photos  # noqa: E402
 
 # Photos of natural scenes (the bundled set also holds micrographs, a star field and a colour wheel:
@@ -99,10 +100,13 @@ def calibration_set(names: tuple[str, ...] = PHOTOS, n_illustrations: int = 5) -
     return out
 
 
-def scores(data: bytes) -> dict[str, float | None]:
-    im = _decode(data)
-    return {"brisque": quality.brisque_score(im), "jpeg_quality": quality.jpeg_quality(data),
-            "blockiness": quality.blockiness(im)}
+def scores(data: bytes, grey: bool = True, working_size: int = 512) -> dict[str, float | None]:
+    """The scores as a stage-4 worker computes them: one decode (``grey``: luma only, as a stage
+    without CLIP decodes; else RGB, as with CLIP), BRISQUE on its working image, blockiness on its
+    full-scale luma crop."""
+    d = decode(data, working_size, 1 << 40, quality.BLOCKINESS_CROP, grey)
+    return {"brisque": quality.brisque_score(d.image), "jpeg_quality": quality.jpeg_quality(data),
+            "blockiness": quality.blockiness(d.grid)}
 
 
 def rejected(s: dict[str, float | None]) -> list[str]:
@@ -118,7 +122,15 @@ def rejected(s: dict[str, float | None]) -> list[str]:
 
 
 def main() -> int:
-    rows = [(c, n, scores(d)) for c, n, d in calibration_set()]
+    data = calibration_set()
+    rows = [(c, n, scores(d)) for c, n, d in data]
+    rgb = [scores(d, grey=False) for _, _, d in data]
+    diff = {k: max(abs(s[k] - r[k]) for (_, _, s), r in zip(rows, rgb, strict=True) if s[k] is not None)
+            for k in ("brisque", "blockiness")}
+    changed = [n for (_, n, s), r in zip(rows, rgb, strict=True) if bool(rejected(s)) != bool(rejected(r))]
+    print(f"grey decode (a stage without CLIP) vs RGB decode: max |difference| brisque {diff['brisque']:.2f}, "
+          f"blockiness {diff['blockiness']:.4f}; decisions that differ: {changed or 'none'}. "
+          "Figures below: grey decode.")
     classes = list(dict.fromkeys(c for c, _, _ in rows))
     print(f"{len(rows)} images. Score distribution per class: min / median / max")
     for key in ("brisque", "jpeg_quality", "blockiness"):

@@ -152,7 +152,7 @@ class TokenLengthRule:
 
 @dataclass(frozen=True, kw_only=True)
 class QualityRule:
-    max_brisque: float = 55.0
+    max_brisque: float = 57.0
     """Reject when the no-reference BRISQUE score (lower is better, ~0..100, computed at a fixed
     analysis size) is above this. (Defaults of this section mirror ``curation.quality.DEFAULT_*``,
     calibrated there; a test keeps them equal.)"""

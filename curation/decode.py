@@ -31,7 +31,7 @@ _EXIF_TRANSPOSE = {
 
 @dataclass
 class Decoded:
-    image: Image.Image | None  # RGB at working size, upright; None when broken
+    image: Image.Image | None  # RGB (grey decode: "L") at working size, upright; None when broken
     width: int | None  # full-size width after orientation
     height: int | None
     format: str | None
@@ -86,9 +86,18 @@ def _full_scale_luma(data: bytes, side: int) -> np.ndarray:
                       _centre_crop(_to_rgb(im), side).convert("L"))
 
 
-def decode(data: bytes, working_size: int, max_pixels: int, grid_crop: int = 0) -> Decoded:
+def _to_grey(im: Image.Image) -> Image.Image:
+    """8-bit luma (ITU-R 601, JPEG's own Y) of any Pillow mode, transparency over white as in _to_rgb."""
+    return im if im.mode == "L" else _to_rgb(im).convert("L")
+
+
+def decode(data: bytes, working_size: int, max_pixels: int, grid_crop: int = 0, grey: bool = False) -> Decoded:
     """Decode ``data`` to an upright RGB image whose short side is about ``working_size`` (never
     below it unless the source is smaller). Any failure becomes ``Decoded.error``; never raises.
+
+    ``grey``: an "L" image instead, for stages whose scorers read luma only: libjpeg then skips the
+    chroma IDCT, upsampling and colour conversion, and with ``grid_crop`` the JPEG is decoded once,
+    at scale 1 (the grid and the working image both come from that pass) instead of twice.
 
     ``grid_crop`` > 0 also returns ``Decoded.grid``: a centre crop (at most ``grid_crop`` px a side)
     of the luma at full scale, on the file's own 8x8 grid, for blockiness. A JPEG decoded at a
@@ -128,13 +137,13 @@ def decode(data: bytes, working_size: int, max_pixels: int, grid_crop: int = 0) 
                 im.seek(0)  # first frame stands for an animation
             if fmt == "JPEG":
                 # draft keeps both sides >= the request, so the short side stays >= working_size.
-                scale = working_size / min(w, h)
-                if scale < 1:
-                    im.draft("RGB" if im.mode != "CMYK" else im.mode,
-                             (max(1, int(w * scale)), max(1, int(h * scale))))
+                scale = 1.0 if grey and grid_crop > 0 else working_size / min(w, h)
+                mode = im.mode if im.mode == "CMYK" else "L" if grey else "RGB"
+                if scale < 1 or mode != im.mode:
+                    im.draft(mode, (max(1, int(w * scale)), max(1, int(h * scale))) if scale < 1 else (w, h))
             im.load()
             drafted = im.size != (w, h)
-            im = _to_rgb(im)
+            im = _to_grey(im) if grey else _to_rgb(im)
             if orientation != 1:
                 im = im.transpose(_EXIF_TRANSPOSE[orientation])
             grid = None

@@ -323,6 +323,9 @@ class Filter:
     """Reads ``clip_embedding`` (computed with the stage's CLIP where not stored yet)."""
     needs_image: bool = True
     """Scores from the decoded image (False: header fields, bytes, caption or stored columns)."""
+    colour: bool = True
+    """Reads colour pixels (False: luma only, or only the decode's success; a stage whose image
+    filters all say False decodes grey: one cheaper full-scale pass, see ``curation.decode``)."""
     identity: Callable[[Any], dict] = field(default=lambda s: {})
     """The scoring settings its scores depend on (``cfg.scoring`` -> dict), for reuse across stages."""
     plots: tuple[tuple[str, str, str], ...] = ()
@@ -340,7 +343,7 @@ def _ws(s) -> dict:
 
 
 FILTERS: dict[str, Filter] = {
-    "broken": Filter(("error",), None, rule=lambda v, th: v.valid("error"),
+    "broken": Filter(("error",), None, rule=lambda v, th: v.valid("error"), colour=False,
                      identity=lambda s: {"max_pixels": s.max_pixels}),
     "resolution": Filter(
         ("short_side", "aspect_ratio"), _score_resolution, needs_image=False,
@@ -369,14 +372,17 @@ FILTERS: dict[str, Filter] = {
         identity=lambda s: {"tokenizer": s.tokenizer},
         plots=(("token_count", "min_tokens", "min"), ("token_count", "max_tokens", "max"))),
     # Stage 4 (and 6, stricter). BRISQUE runs at its own fixed analysis size: not tied to working_size.
+    # BRISQUE reads the luma: a grey decode gives JPEG's own Y (Rec. 601) instead of the skimage
+    # weights of an RGB image (scores move by < 1 on the calibration set, decisions do not).
     "quality": Filter(("brisque",), _score_quality, rule=lambda v, th: v.f("brisque") > th.max_brisque,
+                      colour=False,
                       plots=(("brisque", "max_brisque", "max"),)),
     "aesthetic": Filter(("aesthetic",), _score_aesthetic, models=("aesthetic",), uses_embedding=True,
                         needs_image=False, rule=lambda v, th: v.f("aesthetic") < th.min_score,
                         identity=lambda s: {"head": s.aesthetic.weights, "clip": s.clip.identity()},
                         plots=(("aesthetic", "min_score", "min"),)),
     "compression": Filter(
-        ("jpeg_quality", "blockiness"), _score_compression,
+        ("jpeg_quality", "blockiness"), _score_compression, colour=False,
         rule=lambda v, th: (v.f("jpeg_quality") < th.min_jpeg_quality) | (v.f("blockiness") > th.max_blockiness),
         plots=(("jpeg_quality", "min_jpeg_quality", "min"), ("blockiness", "max_blockiness", "max"))),
     "semdedup": Filter((), _score_semdedup, collect=_collect_semdedup, decide_global=_decide_semdedup,

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 # Defaults of the stage-4 rules (calibration: benchmarks/calibrate_stage4.py, curation/QUALITY.md).
-DEFAULT_MAX_BRISQUE = 55.0
+DEFAULT_MAX_BRISQUE = 57.0
 """Reject when the BRISQUE score (0 best .. ~100 worst, at the analysis size) is above this."""
 DEFAULT_MIN_JPEG_QUALITY = 40.0
 """Reject JPEGs whose estimated IJG quality factor is below this (null for non-JPEG passes)."""
@@ -129,9 +129,11 @@ def blockiness(img: Image.Image | np.ndarray, block: int = 8) -> float:
 
 # --------------------------------------------------------------------------- BRISQUE
 # Constants of the ``brisque`` package (0.2.0) whose SVR we use: features must be computed exactly
-# as its training code did (skimage grey in [0, 1], 7x7 Gaussian with sigma 7/6 and zero padding,
-# C = 1/255, cubic half-scale), or its scaling and support vectors mean nothing.
-_GREY = np.array([0.2125, 0.7154, 0.0721])  # skimage.color.rgb2gray
+# as its training code did (grey in [0, 1], 7x7 Gaussian with sigma 7/6 and zero padding,
+# C = 1/255, cubic half-scale), or its scaling and support vectors mean nothing. Grey is Rec. 601
+# luma, as in its trainer (brisque/trainer.py) and the original BRISQUE (MATLAB rgb2gray) — and
+# JPEG's own Y, so a luma-only decode (curation.decode, grey=True) scores the same pixels. (Its
+# score() uses skimage's Rec. 709 weights: up to ~7 higher on saturated flat-colour drawings.)
 _C = 1.0 / 255.0
 
 
@@ -227,14 +229,15 @@ def _scale_features(grey: np.ndarray, activity: float) -> list[float] | None:
 
 
 def analysis_grey(img: Image.Image, size: int = BRISQUE_ANALYSIS_SIZE) -> np.ndarray:
-    """The grey float32 image in [0, 1] (skimage weights) downscaled (INTER_AREA) so that its short
+    """The grey float32 image in [0, 1] (Rec. 601 luma) downscaled (INTER_AREA) so that its short
     side is ``size``: the fixed analysis size that makes scores of a 512 px and a 2048 px copy
     comparable. A smaller image is analysed as it is (upscaling would manufacture blur); stage 4's
     resolution filter runs first, so there every image reaches the analysis size."""
-    rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    # 8-bit Rec. 601 luma, as a grey decode (curation.decode, grey=True) gives it: JPEG's own Y, or
+    # Pillow's "L" of other formats — so a stage scores the same whether it decoded RGB or grey.
     # Grey first, then resize: one channel to resample instead of three (a fractional INTER_AREA
-    # on 8-bit RGB costs ~4x more), and no 8-bit rounding of the resized pixels.
-    grey = cv2.transform(rgb.astype(np.float32), (_GREY / 255.0)[None].astype(np.float32))
+    # on 8-bit RGB costs ~4x more), in float32 (no 8-bit rounding of the resized pixels).
+    grey = np.asarray(img if img.mode == "L" else img.convert("RGB").convert("L"), np.float32) * np.float32(1 / 255)
     h, w = grey.shape
     s = size / min(h, w)
     if s < 1.0:

@@ -121,12 +121,17 @@ def make_plan(cfg: StageConfig, skipped: tuple[str, ...], parent: Parent | None)
     reused = [n for n in chain if FILTERS[n].columns and all(c in carry for c in FILTERS[n].columns)]
     active = tuple(n for n in chain if n not in reused)
     decode = parent is None or any(FILTERS[n].needs_image for n in active)
+    models = models_for(cfg, active, embeddings_carried, clip_skipped)
+    # Luma only when nothing reads colour: no colour filter, no CLIP embedding the images (a filter
+    # reading clip_embedding computes the missing ones), no normalised RGB copy stored.
+    grey = decode and "clip" not in models and cfg.scoring.store_image != "normalized" and not any(
+        FILTERS[n].needs_image and FILTERS[n].colour for n in active)
     hashes.update({c: h for c, h in ours.items() if c not in hashes})
     if wants_emb and EMBEDDING not in hashes:
         hashes[EMBEDDING] = emb_id
     dim = embed_dim(_parent_schema(parent)) if EMBEDDING in carry else None
-    return Plan(active=active, carry=tuple(carry), models=models_for(cfg, active, embeddings_carried, clip_skipped),
-                decode=decode, embed_dim=dim or 768, reused=tuple(reused), column_hashes=hashes)
+    return Plan(active=active, carry=tuple(carry), models=models,
+                decode=decode, grey=grey, embed_dim=dim or 768, reused=tuple(reused), column_hashes=hashes)
 
 
 def _parent_schema(parent: Parent) -> pa.Schema:

@@ -39,6 +39,8 @@ class Plan:
     """Shared models to load (``curation.filters.MODELS``)."""
     decode: bool = True
     """Decode the image (some active filter needs pixels, or the input is not a curated table)."""
+    grey: bool = False
+    """Decode to luma only (no active filter reads colour and no colour image is stored)."""
     embed_dim: int = 768
     """Width of ``clip_embedding``."""
     reused: tuple[str, ...] = ()
@@ -166,7 +168,7 @@ class StageScorer:
                 if s.store_image == "source":
                     out["image"][i] = data
                 continue
-            d = decode(data, s.working_size, s.max_pixels, grid_crop)
+            d = decode(data, s.working_size, s.max_pixels, grid_crop, plan.grey)
             out["content_hash"][i], out["error"][i] = d.content_hash, d.error
             if d.error:
                 continue

@@ -32,8 +32,9 @@ def corpus(base) -> dict[str, bytes]:
     ("corrupt_idat_valid_crc.png", ""),
     ("bomb.png", "decompression bomb"),
 ])
-def test_broken_files_become_errors_not_crashes(corpus, name, needle):
-    d = decode(corpus[name], 256, MAX_PIXELS)
+@pytest.mark.parametrize("grey", [False, True], ids=["rgb", "grey"])
+def test_broken_files_become_errors_not_crashes(corpus, name, needle, grey):
+    d = decode(corpus[name], 256, MAX_PIXELS, grid_crop=512 if grey else 0, grey=grey)
     assert d.image is None and d.error, name
     assert needle.lower() in d.error.lower()
     assert d.content_hash and len(d.content_hash) == 64  # still hashed: the row is identifiable
@@ -85,8 +86,9 @@ def test_jpeg_draft_decodes_fewer_pixels_but_keeps_working_size():
 
 def test_truncated_jpeg_caught_even_in_draft_mode():
     big = samples.jpeg(dict(samples.real_photos())["astronaut"].resize((1024, 1024)))
-    d = decode(big[: len(big) * 2 // 3], 256, MAX_PIXELS)
-    assert d.error and "truncated" in d.error
+    for grey in (False, True):
+        d = decode(big[: len(big) * 2 // 3], 256, MAX_PIXELS, grid_crop=512, grey=grey)
+        assert d.error and "truncated" in d.error
 
 
 def test_bomb_limit_is_the_configured_one(base):
@@ -131,3 +133,18 @@ def test_grid_is_the_full_scale_luma_whatever_the_working_size():
     assert decode(q10, 256, MAX_PIXELS).grid is None  # only when asked
     clean = decode(samples.jpeg(photo, 92), 256, MAX_PIXELS, grid_crop=512)
     assert blockiness(clean.grid) < DEFAULT_MAX_BLOCKINESS
+
+
+@pytest.mark.parametrize("name", ["exif_rot6.jpg", "cmyk.jpg", "rgba.png", "grey16.png", "palette.png"])
+def test_grey_decode_is_the_rgb_decodes_luma(corpus, name):
+    """A luma-only stage decodes grey (one full-scale JPEG pass): same sizes and orientation as the
+    RGB decode, the same full-scale grid, and a working image equal to the RGB one's luma."""
+    rgb = decode(corpus[name], 256, MAX_PIXELS, grid_crop=512)
+    grey = decode(corpus[name], 256, MAX_PIXELS, grid_crop=512, grey=True)
+    assert grey.error is None and grey.image.mode == "L"
+    assert (grey.width, grey.height, grey.orientation, grey.format) == (rgb.width, rgb.height, rgb.orientation, rgb.format)
+    assert grey.image.size == rgb.image.size  # upright, at the working size
+    # JPEG's own Y vs Pillow's RGB -> L of the decoded RGB: equal up to rounding.
+    assert grey.grid.shape == rgb.grid.shape and np.abs(grey.grid.astype(np.int16) - rgb.grid).max() <= 2
+    diff = np.abs(np.asarray(grey.image, np.int16) - np.asarray(rgb.image.convert("L"), np.int16))
+    assert diff.mean() < 3, diff.mean()  # DCT-scaled draft vs full decode + reduce: resampling only

@@ -75,7 +75,8 @@ def test_each_score_separates_clean_from_degraded(scored):
         return np.array([s[key] for c, _, s in scored if c in classes and s[key] is not None], float)
 
     assert vals("brisque", CLEAN).max() < quality.DEFAULT_MAX_BRISQUE < vals("brisque", ("blur",)).min()
-    assert np.median(vals("brisque", ("upscale",))) > quality.DEFAULT_MAX_BRISQUE
+    # x4 upscales are rejected; milder x3 ones sit around the threshold (curation/QUALITY.md).
+    assert min(s["brisque"] for c, n, s in scored if c == "upscale" and n.endswith("_x4")) > quality.DEFAULT_MAX_BRISQUE
     assert np.median(vals("brisque", ("noise",))) > np.median(vals("brisque", ("clean",))) + 30
     assert vals("jpeg_quality", ("low_jpeg",)).max() < quality.DEFAULT_MIN_JPEG_QUALITY < vals("jpeg_quality", CLEAN).min()
     assert vals("blockiness", CLEAN).max() < quality.DEFAULT_MAX_BLOCKINESS < vals("blockiness", ("low_jpeg", "resaved")).min()

@@ -25,7 +25,7 @@ from curation.cli import main as cli_main
 from curation.config import BalanceRule, load_config
 from curation.decide import decide
 from curation.filters import Cols, _collect_semdedup
-from curation.run import rethreshold, run_stage
+from curation.run import make_plan, rethreshold, run_stage
 from curation.schema import EMBEDDING, SCORING_SCHEMA, scoring_schema
 from curation.semdedup import semantic_dedup
 from curation.stage import _embedding_array
@@ -90,6 +90,26 @@ def test_stage4_filters_decide_on_degraded_photos(alone, s4):
         assert f"<h4>rejected: {reason}</h4>" in page, reason
     assert "<h4>kept, highest brisque</h4>" in page and "<h4>kept, lowest aesthetic</h4>" in page
     assert page.count("<img src='data:image/jpeg;base64,") >= len(s4["notes"])
+
+
+def test_stage4_without_clip_decodes_grey_and_decides_the_same(alone, s4, tmp_path):
+    """No filter of stage 4 without CLIP reads colour: the workers decode luma only (one full-scale
+    JPEG pass serves BRISQUE and blockiness) and reach the same decisions and near-equal scores."""
+    cfg1 = load_config(CONFIGS / "stage1.yaml")
+    assert make_plan(s4["cfg4"], ("aesthetic",), None).grey
+    assert not make_plan(s4["cfg4"], (), None).grey  # CLIP embeds the images for the aesthetic head
+    assert not make_plan(cfg1, (), None).grey  # entropy, NSFW, CLIP read colour
+    out = tmp_path / "grey.lance"
+    run_stage(str(s4["root"]), str(out), s4["cfg4"], ("aesthetic",), progress=False, report=False)
+    grey, rgb = _by_name(_frame(out)), _by_name(_frame(alone[0]))
+    assert grey.keys() == rgb.keys()
+    for name, row in grey.items():
+        assert row["reject_reason"] == rgb[name]["reject_reason"], name
+        assert row["width"] == rgb[name]["width"] and row["height"] == rgb[name]["height"], name
+        for key, tol in (("brisque", 3.0), ("blockiness", 0.03)):
+            assert (row[key] is None) == (rgb[name][key] is None), (name, key)
+            if row[key] is not None:
+                assert abs(row[key] - rgb[name][key]) < tol, (name, key, row[key], rgb[name][key])
 
 
 def test_rethreshold_stage4_from_stored_scores(alone, s4, tmp_path):
