@@ -5,11 +5,7 @@ stage 4; bad arguments naming the flag or field."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lance
@@ -279,7 +275,7 @@ def test_semdedup_filter_on_planted_near_duplicates(ray_local):
     assert all(keep[i] and of[i] is None for i in no_emb) and (~keep).sum() == 3
 
 
-def test_stage4_resume_after_kill_minus_9(alone, s4, tmp_path):
+def test_stage4_resume_after_kill_minus_9(alone, s4, tmp_path, kill_and_rerun):
     """kill -9 the stage-4 job after its first commit; the same command again ends with every row
     once and the decisions of the uninterrupted run (stage 4 alone, the module's table)."""
     import yaml
@@ -292,20 +288,7 @@ def test_stage4_resume_after_kill_minus_9(alone, s4, tmp_path):
     cmd = [sys.executable, str(ROOT / "jobs" / "filter_stage4.py"), "--input", str(s4["root"]), "--output", str(out),
            "--config", str(cfgfile), *sets, "--set", "batch_size=2", "--set", "num_workers=1",
            "--commit-every", "2", "--num-cpus", "1", "--no-progress", "--no-report"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True, env=env, cwd=ROOT)
-    deadline, seen = time.time() + 240, []
-    for line in p.stdout:
-        seen.append(line)
-        if "committed" in line or time.time() > deadline:
-            break
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    partial = lance.dataset(str(out)).count_rows() if out.exists() else 0
-    assert 0 < partial < len(s4["notes"]), (partial, "".join(seen)[-3000:])
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=400)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    kill_and_rerun(cmd, lambda: lance.dataset(str(out)).count_rows() if out.exists() else 0, len(s4["notes"]))
     df, ref = _frame(out), _frame(alone[0])
     assert df.height == len(s4["notes"]) and df["id"].n_unique() == df.height
     assert {r["id"]: r["reject_reason"] for r in df.iter_rows(named=True)} == {
