@@ -82,8 +82,7 @@ def _full_scale_luma(data: bytes, side: int) -> np.ndarray:
     im = Image.open(io.BytesIO(data))
     im.draft("L", im.size)  # a no-op for CMYK files: converted below
     im.load()
-    return np.asarray(_centre_crop(im, side).convert("L") if im.mode in ("L", "RGB") else
-                      _centre_crop(_to_rgb(im), side).convert("L"))
+    return np.asarray(_to_grey(_centre_crop(im, side)))
 
 
 def _to_grey(im: Image.Image) -> Image.Image:
@@ -148,7 +147,7 @@ def decode(data: bytes, working_size: int, max_pixels: int, grid_crop: int = 0, 
                 im = im.transpose(_EXIF_TRANSPOSE[orientation])
             grid = None
             if grid_crop > 0:  # the grid's phase is searched per axis: orientation does not matter
-                grid = _full_scale_luma(data, grid_crop) if drafted else np.asarray(_centre_crop(im, grid_crop).convert("L"))
+                grid = _full_scale_luma(data, grid_crop) if drafted else np.asarray(_to_grey(_centre_crop(im, grid_crop)))
             # Non-JPEG formats decode at full size; integer reduce keeps short side >= working_size.
             factor = min(im.size) // working_size
             if factor >= 2:
