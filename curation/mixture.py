@@ -184,7 +184,7 @@ def build_mixture(cfg: MixtureConfig, stage: int, output: str, progress: bool = 
     ti2i, _, a2 = _draw(st.ti2i, True, st, n_ti2i, cfg.seed) if n_ti2i else (None, {}, {})
     versions = {**t2i_ver, **ti2i_ver}
     schema = MIXTURE_SCHEMA.with_metadata({b"stage": str(stage).encode(), b"seed": str(cfg.seed).encode(),
-                                           b"t2i_ratio": str(r).encode(),
+                                           b"t2i_ratio": str(r).encode(), b"min_short_side": str(st.min_short_side).encode(),
                                            b"inputs": json.dumps(versions, sort_keys=True).encode()})
     writer_batches = _rows(t2i, ti2i, st, versions)
     lance.write_dataset(writer_batches, output, schema=schema, mode="overwrite")
@@ -195,11 +195,14 @@ def build_mixture(cfg: MixtureConfig, stage: int, output: str, progress: bool = 
 def pairs_mixture(stage2_uri: str, output: str, min_short_side: int = 0, seed: int = 0) -> dict:
     """Every kept pair of a stage-2 table as a TI2I-only mixture (``ti2i`` + ``ti2i_source`` rows,
     lineage included): how ``jobs/encode_latents.py --stage2`` reads edit pairs without a mixture
-    config. Rebuilt only when the stage-2 table's version differs from the one recorded."""
+    config. Rebuilt unless the table there was made from this stage-2 version with the same seed and
+    minimum short side (all recorded in its metadata)."""
     version = lance.dataset(stage2_uri).version
     try:
         md = lance.dataset(output).schema.metadata or {}
-        if json.loads(md.get(b"inputs", b"{}")) == {stage2_uri: version} and md.get(b"t2i_ratio") == b"0.0":
+        recorded = {k: md.get(k.encode()) for k in ("t2i_ratio", "seed", "min_short_side")}
+        wanted = {"t2i_ratio": b"0.0", "seed": str(seed).encode(), "min_short_side": str(min_short_side).encode()}
+        if json.loads(md.get(b"inputs", b"{}")) == {stage2_uri: version} and recorded == wanted:
             return {"output": output, "reused": True, "inputs": {stage2_uri: version}}
     except (ValueError, OSError):  # no table there yet
         pass
