@@ -124,10 +124,45 @@ def permute(h: np.ndarray, key: tuple[int, ...], inverse: bool = False, out: np.
     return out
 
 
-def sorted_pairs(v: np.ndarray, key_bits: int, d: int, buf: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _dirty_blocks(x: np.ndarray) -> np.ndarray:
+    """16-bit mask of the nonzero 4-bit blocks of each uint64 (of a xor: the blocks two hashes
+    differ in), by folding each block's bits into its lowest and packing those 16 bits together."""
+    y = x | (x >> np.uint64(1))
+    y |= y >> np.uint64(2)
+    y &= np.uint64(0x1111111111111111)
+    for shift, mask in ((3, 0x0303030303030303), (6, 0x000F000F000F000F), (12, 0x000000FF000000FF),
+                        (24, 0xFFFF)):
+        y |= y >> np.uint64(shift)
+        y &= np.uint64(mask)
+    return y.astype(np.intp)
+
+
+@functools.cache
+def first_key_tables(s: int, d: int) -> np.ndarray:
+    """``[t, m]``: True where covering key ``t`` is the first key whose blocks all lie outside the
+    dirty-block mask ``m`` (``m`` in key ``t``'s permuted layout). A pair within ``d`` shares every
+    key that avoids its dirty blocks (dozens of them); keeping it only at the first reports it once,
+    so the index mapping and component merging downstream see each pair once, not once per key."""
+    keys = covering(s, d)
+    m = np.arange(1 << BLOCKS)
+    first = np.full(1 << BLOCKS, len(keys), np.int64)
+    for t in range(len(keys) - 1, -1, -1):
+        first[(m & sum(1 << b for b in keys[t])) == 0] = t
+    out = np.empty((len(keys), 1 << BLOCKS), bool)
+    for t, key in enumerate(keys):
+        orig = np.zeros(1 << BLOCKS, np.int64)  # permuted-layout mask -> original block mask
+        for src, width, dst in _layout(key):
+            for i in range(width // BLOCK_BITS):
+                orig |= ((m >> (dst // BLOCK_BITS + i)) & 1) << (src // BLOCK_BITS + i)
+        out[t] = first[orig] == t
+    return out
+
+
+def sorted_pairs(v: np.ndarray, key_bits: int, d: int, buf: np.ndarray | None = None,
+                 first: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Verified value pairs among permuted hashes ``v`` sharing their top ``key_bits`` bits; ``v``
-    is sorted in place (``buf``: an optional uint64 scratch array at least as long).
+    is sorted in place (``buf``: an optional uint64 scratch array at least as long; ``first``: a
+    row of ``first_key_tables``, to keep only the pairs this key finds first).
 
     One SIMD sort of the values (~10x faster than an argsort) puts each key's hashes next to each
     other, with all their bits, so the popcount check reads neighbours instead of gathering at
@@ -150,7 +185,10 @@ def sorted_pairs(v: np.ndarray, key_bits: int, d: int, buf: np.ndarray | None = 
     out_x, out_y, k = [], [], 1
     while len(p):
         a, b = v[p], v[p + k]
-        ok = np.bitwise_count(a ^ b) <= d
+        x = a ^ b
+        ok = np.bitwise_count(x) <= d
+        if first is not None:
+            ok[ok] = first[_dirty_blocks(x[ok])]
         out_x.append(a[ok])
         out_y.append(b[ok])
         more = rest >= k
@@ -162,8 +200,9 @@ def _covering_pairs(h: np.ndarray, d: int, s: int) -> Iterator[tuple[np.ndarray,
     """Pairs as indices into ``h`` (sorted, distinct). Two scratch arrays serve every key: fresh
     n-sized arrays per key cost page faults that grow with n."""
     v, buf = np.empty(len(h), np.uint64), np.empty(len(h), np.uint64)
-    for key in covering(s, d):
-        x, y = sorted_pairs(permute(h, key, out=v), BLOCK_BITS * s, d, buf)
+    firsts = first_key_tables(s, d)
+    for key, first in zip(covering(s, d), firsts, strict=True):
+        x, y = sorted_pairs(permute(h, key, out=v), BLOCK_BITS * s, d, buf, first)
         if len(x):
             ij = _index_of(h, np.concatenate([permute(x, key, True), permute(y, key, True)]))
             yield _ordered(ij[: len(x)], ij[len(x):])
@@ -352,10 +391,12 @@ def _emit_keys(batch: dict, keys: tuple[tuple[int, ...], ...], key_bits: int, pa
 
 
 def _partition_pairs(group: dict, key_sets: tuple[tuple[int, ...], ...], key_bits: int, d: int) -> dict:
-    """One partition's buckets paired locally; pairs go back as original hash values."""
+    """One partition's buckets paired locally; pairs go back as original hash values, each pair
+    from its first key only."""
     xs, ys = [_EMPTY_U[0]], [_EMPTY_U[1]]
+    firsts = first_key_tables(key_bits // BLOCK_BITS, d)
     for t in np.unique(group["t"]).tolist():
-        x, y = sorted_pairs(group["v"][group["t"] == t], key_bits, d)
+        x, y = sorted_pairs(group["v"][group["t"] == t], key_bits, d, first=firsts[t])
         xs.append(permute(x, key_sets[t], True))
         ys.append(permute(y, key_sets[t], True))
     return {"x": np.concatenate(xs), "y": np.concatenate(ys)}
