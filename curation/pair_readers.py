@@ -203,22 +203,28 @@ def _wanted(cols: PairColumns) -> list[str]:
     return [c for c in (getattr(cols, f.name) for f in fields(PairColumns)) if c]
 
 
-def expand_parquet(path: str, cols: PairColumns, batch_rows: int = 256) -> Iterator[pa.Table]:
+def expand_parquet(path: str, cols: PairColumns, batch_rows: int = 256,
+                   part: tuple[int, int] | None = None) -> Iterator[pa.Table]:
+    """Rows of a Parquet file, or of its row groups ``part`` = [start, stop) (a work unit)."""
     import pyarrow.parquet as pq
 
-    offset = 0
-    for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=_wanted(cols)):
+    f = pq.ParquetFile(path)
+    groups = range(*part) if part else range(f.num_row_groups)
+    offset = sum(f.metadata.row_group(i).num_rows for i in range(groups.start))  # keyless ids: row in file
+    for rb in f.iter_batches(batch_size=batch_rows, columns=_wanted(cols), row_groups=groups):
         yield _rows(_from_columns(rb.to_pydict(), rb.num_rows, cols, path, path, os.path.dirname(path), offset))
         offset += rb.num_rows
 
 
-def expand_lance(uri: str, fragment_id: str, cols: PairColumns, batch_rows: int = 256) -> Iterator[pa.Table]:
+def expand_lance(uri: str, fragment_id: str, cols: PairColumns, batch_rows: int = 256,
+                 part: tuple[int, int] | None = None) -> Iterator[pa.Table]:
+    """Rows of a Lance fragment, or of its rows ``part`` = [start, stop) (a work unit)."""
     import lance
 
     frag = lance.dataset(uri).get_fragment(int(fragment_id))
     src = uri if cols.key else f"{uri}/fragment={fragment_id}"  # (fragment, offset) without a key column
-    offset = 0
-    for rb in frag.to_batches(columns=_wanted(cols), batch_size=batch_rows):
+    offset, rng = (part[0], {"offset": part[0], "limit": part[1] - part[0]}) if part else (0, {})
+    for rb in frag.to_batches(columns=_wanted(cols), batch_size=batch_rows, **rng):
         yield _rows(_from_columns(rb.to_pydict(), rb.num_rows, cols, src, src, None, offset))
         offset += rb.num_rows
 
@@ -306,11 +312,42 @@ def expand_tar(shard: str, batch_rows: int = 256) -> Iterator[pa.Table]:
         yield _rows(buf)
 
 
-def expand_unit(source: PairSource, unit: str, batch_rows: int = 256) -> Iterator[pa.Table]:
+def work_units(source: PairSource, rows_per_unit: int) -> list[tuple[str, int, int]]:
+    """What one scoring task reads: (unit, start, stop). Finer than files where a partial read is
+    cheap, so the pairs of one big file are scored on every core: consecutive Parquet row groups of
+    about ``rows_per_unit`` rows (a row group is the smallest Parquet read), Lance fragment row
+    ranges; JSON-lines files and tar shards whole (start = stop = -1: sequential formats)."""
+    out: list[tuple[str, int, int]] = []
     if source.kind == "parquet":
-        return expand_parquet(unit, source.columns, batch_rows)
+        import pyarrow.parquet as pq
+
+        for path in source.units:
+            meta, start, rows = pq.read_metadata(path), 0, 0
+            for g in range(meta.num_row_groups):
+                rows += meta.row_group(g).num_rows
+                if rows >= rows_per_unit or g == meta.num_row_groups - 1:
+                    out.append((path, start, g + 1))
+                    start, rows = g + 1, 0
+        return out
     if source.kind == "lance":
-        return expand_lance(source.root, unit, source.columns, batch_rows)
+        import lance
+
+        ds = lance.dataset(source.root)
+        for unit in source.units:
+            n = ds.get_fragment(int(unit)).count_rows()
+            out += [(unit, a, min(n, a + rows_per_unit)) for a in range(0, n, rows_per_unit)]
+        return out
+    return [(u, -1, -1) for u in source.units]
+
+
+def expand_unit(source: PairSource, unit: str, batch_rows: int = 256,
+                part: tuple[int, int] | None = None) -> Iterator[pa.Table]:
+    """Rows of one unit (a file, shard or fragment; ``part``: the [start, stop) of :func:`work_units`)."""
+    part = part if part and part[0] >= 0 else None
+    if source.kind == "parquet":
+        return expand_parquet(unit, source.columns, batch_rows, part)
+    if source.kind == "lance":
+        return expand_lance(source.root, unit, source.columns, batch_rows, part)
     if source.kind == "jsonl":
         return expand_jsonl(unit, source.columns, batch_rows)
     if source.kind == "tar":

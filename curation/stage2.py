@@ -26,10 +26,12 @@ from . import pairs
 from .config import NsfwRule, ResolutionRule, Scoring, StageConfig
 from .decode import decode
 from .filters import FILTERS, MODELS
-from .pair_readers import PairColumns, expand_unit, read_pair_images, resolve_pairs
+from .pair_readers import PairColumns, PairSource, expand_unit, read_pair_images, resolve_pairs, work_units
+from .readers import drop_done
 from .stage2_filters import SIDES, PairBatch
 from .stage2_schema import PAIR_SCORING_SCHEMA
 
+MAX_BLOCKS = 4096  # work-unit blocks of one run (more units: several per task)
 PAIR_CHAIN = ("broken", "source_resolution", "target_resolution", "source_nsfw", "target_nsfw", "instruction",
               "noop", "unrelated", "direction", "judge", "pair_dedup")
 
@@ -163,17 +165,27 @@ def pair_models(cfg: PairStageConfig, active: tuple[str, ...]) -> tuple[str, ...
 
 # --------------------------------------------------------------------------- the worker
 class PairScorer:
-    """Ray Data callable: decode both images of each pair once, run the active pair filters, write
-    one Lance fragment per batch, return its metadata (the engine's ``commit_fragments`` commits)."""
+    """Ray Data callable over work units (``pair_readers.work_units``): read each unit's pairs not yet
+    committed, decode both images of each pair once, run the active pair filters, write one Lance
+    fragment per ``batch_size`` pairs, return the fragments' metadata (the engine's
+    ``commit_fragments`` commits). Reading in the scoring task keeps the image bytes out of Ray's
+    object store (one copy fewer per image) and spreads one big file over every core."""
 
     def __init__(self, cfg: PairStageConfig, skipped: tuple[str, ...], active: tuple[str, ...],
-                 output_uri: str, score_hash: str, storage_options: dict | None = None):
+                 output_uri: str, score_hash: str, storage_options: dict | None = None,
+                 source: PairSource | None = None, done_ref=None):
+        import cv2
+        import ray
+
         self.cfg, self.skipped, self.active, self.uri = cfg, skipped, active, output_uri
-        self.score_hash, self.storage_options = score_hash, storage_options
+        self.score_hash, self.storage_options, self.source = score_hash, storage_options, source
+        self.done = ray.get(done_ref) if done_ref is not None else None
+        threads = max(1, int(cfg.cpus_per_worker))
+        cv2.setNumThreads(threads)  # its pthread pool would take every core in every worker
         if "clip" in pair_models(cfg, active):
             import torch
 
-            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+            torch.set_num_threads(threads)
         self.models = {m: MODELS[m](cfg, "cpu") for m in pair_models(cfg, active)}
         for m in self.models.values():
             m.setup()
@@ -222,11 +234,19 @@ class PairScorer:
                 fn(b)
         return pa.Table.from_pydict(out, schema=PAIR_SCORING_SCHEMA)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def write(self, items: pa.Table) -> list:
         import lance.fragment
 
-        frags = lance.fragment.write_fragments(self.score(batch), self.uri, schema=PAIR_SCORING_SCHEMA,
-                                               storage_options=self.storage_options)
+        return lance.fragment.write_fragments(self.score(items), self.uri, schema=PAIR_SCORING_SCHEMA,
+                                              storage_options=self.storage_options)
+
+    def __call__(self, units: dict) -> pa.Table:
+        frags = []
+        for unit, a, b in zip(units["unit"], units["start"], units["stop"], strict=True):
+            for items in expand_unit(self.source, str(unit), self.cfg.batch_size, (int(a), int(b))):
+                items = drop_done(items, self.done)
+                if items.num_rows:
+                    frags += self.write(items)
         return pa.table({"fragment": pa.array([json.dumps(f.to_json()) for f in frags], pa.string()),
                          "rows": pa.array([f.num_rows for f in frags], pa.int64())})
 
@@ -234,13 +254,14 @@ class PairScorer:
 _TASK: dict[tuple, PairScorer] = {}
 
 
-def pair_score_task(batch: pa.Table, **kw) -> pa.Table:
+def pair_score_task(units: dict, **kw) -> pa.Table:
     """Task entry point (no heavy model): the scorer is built once per worker process."""
-    key = (kw["output_uri"], kw["score_hash"])
+    ref = kw["done_ref"]
+    key = (kw["output_uri"], kw["score_hash"], kw["source"], ref.hex() if ref is not None else None)  # a rerun anew
     if key not in _TASK:
         _TASK.clear()
         _TASK[key] = PairScorer(**kw)
-    return _TASK[key](batch)
+    return _TASK[key](units)
 
 
 # --------------------------------------------------------------------------- the driver
@@ -254,7 +275,7 @@ def run_pair_stage(pairs_spec: str, output: str, cfg: PairStageConfig, skipped: 
     from ray.data import DataContext
 
     from .decide import apply_decisions
-    from .run import RunSummary, _expand, _open, check_output, commit_fragments
+    from .run import RunSummary, _open, check_output, commit_fragments
 
     t0 = time.time()
     if commit_every < 1:
@@ -281,23 +302,21 @@ def run_pair_stage(pairs_spec: str, output: str, cfg: PairStageConfig, skipped: 
         ray.init(num_cpus=num_cpus, log_to_driver=progress, include_dashboard=False, ignore_reinit_error=True)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars, ctx.verbose_progress = progress, False
-    units = ray.data.from_items([{"unit": u} for u in source.units], override_num_blocks=len(source.units))
-    done_ref = ray.put(done) if done is not None and len(done) else None
-    # Reading is light: no CPU reserved, so the scorers get every core; the different resources also
-    # keep Ray Data from fusing it with scoring (fused, one pair file is scored on one core).
-    items = units.map_batches(_expand, batch_size=1, num_cpus=0,
-                              fn_kwargs={"source": source, "done_ref": done_ref, "batch_rows": cfg.batch_size,
-                                         "expand": expand_unit})
+    # One task per work unit (about batch_size pairs: a Parquet row group, a Lance row range, a
+    # JSON-lines file or tar shard) reads, scores and writes it; blocks are capped so a huge input
+    # does not become a huge plan (then a task takes several units in turn).
+    work = work_units(source, cfg.batch_size)
+    units = ray.data.from_items([{"unit": u, "start": a, "stop": b} for u, a, b in work],
+                                override_num_blocks=max(1, min(len(work), MAX_BLOCKS)))
     kwargs = {"cfg": cfg, "skipped": skipped, "active": active, "output_uri": output, "score_hash": score_hash,
-              "storage_options": storage_options}
+              "storage_options": storage_options, "source": source,
+              "done_ref": ray.put(done) if done is not None and len(done) else None}
     if set(models) - {"tokens"}:
         workers = cfg.num_workers or max(1, int(ray.available_resources().get("CPU", 1) // max(cfg.cpus_per_worker, 1e-3)))
-        scored = items.map_batches(PairScorer, batch_size=cfg.batch_size, batch_format="pyarrow",
-                                   compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.cpus_per_worker,
-                                   fn_constructor_kwargs=kwargs)
+        scored = units.map_batches(PairScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+                                   num_cpus=cfg.cpus_per_worker, fn_constructor_kwargs=kwargs)
     else:
-        scored = items.map_batches(pair_score_task, batch_size=cfg.batch_size, batch_format="pyarrow",
-                                   num_cpus=cfg.cpus_per_worker, fn_kwargs=kwargs)
+        scored = units.map_batches(pair_score_task, batch_size=1, num_cpus=cfg.cpus_per_worker, fn_kwargs=kwargs)
     t_score = time.time()
     _, scored_now = commit_fragments(scored, output, ds_out.version, commit_every, storage_options, cfg.stage)
     scoring_seconds = time.time() - t_score
@@ -385,7 +404,8 @@ def write_sample_pairs(path: str, size: int = 512, seed: int = 0, bad: bool = Tr
 
         src = photos[0][1]
         tgt, tgt2 = ball(src, (220, 30, 30)), ball(src, (30, 30, 220))
-        extra = [("broken_target", jpg(src), jpg(tgt)[:600], "add a red ball", "broken"),
+        cut = jpg(tgt)
+        extra = [("broken_target", jpg(src), cut[: len(cut) // 2], "add a red ball", "broken"),  # truncated mid-scan
                  ("small_source", jpg(src.resize((200, 200))), jpg(tgt), "add a red ball", "source_resolution"),
                  ("empty_instruction", jpg(src), jpg(tgt), " 1 2 3 ", "instruction"),
                  ("french_instruction", jpg(src), jpg(tgt), "ajoute une balle rouge au centre", "instruction"),

@@ -160,6 +160,34 @@ def test_pairs_from_parquet_lance_jsonl_and_webdataset_agree(tmp_path, pair_imag
     assert src is not None and tgt is None and err.startswith("target: unreadable file")
 
 
+def test_work_units_split_big_files_and_keep_ids(tmp_path, pair_images):
+    """One big file is read by several tasks (Parquet row groups, Lance row ranges) with the same
+    rows and ids as read whole, also without a key column (ids from each row's place in the file)."""
+    t = pa.Table.from_pylist([{"source_image": pair_images[k][0], "target_image": pair_images[k][1],
+                               "instruction": f"add {i} balls"} for i, k in enumerate(["p0", "p1", "p2"] * 2)])
+    pq.write_table(t, tmp_path / "p.parquet", row_group_size=1)
+    lance.write_dataset(t, str(tmp_path / "p.lance"), max_rows_per_file=4)  # fragments of 4 + 2 rows
+    for spec in ("p.parquet", "p.lance"):
+        src = pr.resolve_pairs(str(tmp_path / spec))
+        units = pr.work_units(src, 2)
+        split = [r for u, a, b in units for tb in pr.expand_unit(src, u, 8, (a, b)) for r in tb.to_pylist()]
+        whole = [r for u in src.units for tb in pr.expand_unit(src, u, 8) for r in tb.to_pylist()]
+        assert len(units) == 3 and split == whole and len({r["id"] for r in whole}) == 6, spec
+
+
+def test_truncated_jpeg_is_broken_at_the_working_size(photos):
+    """The stage decodes JPEGs at reduced DCT scale (draft) for speed; libjpeg still reads the whole
+    entropy-coded stream, so a real photo cut anywhere (even just its end marker) is an error."""
+    from curation.decode import decode
+
+    data = jpeg(dict(photos)["chelsea"].resize((768, 512)))
+    whole = decode(data, 256, 10**8)
+    assert whole.error is None and whole.image.size == (384, 256) and whole.width == 768  # drafted to 1/2
+    for cut in (len(data) // 3, len(data) // 2, len(data) * 9 // 10, len(data) - 100, len(data) - 2):
+        d = decode(data[:cut], 256, 10**8)
+        assert d.image is None and "truncated" in d.error, cut
+
+
 def test_missing_columns_stop_before_work_naming_them(tmp_path):
     pq.write_table(pa.table({"source_image": [b"x"], "caption": ["c"]}), tmp_path / "half.parquet")
     with pytest.raises(ConfigError) as e:

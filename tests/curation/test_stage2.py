@@ -54,6 +54,7 @@ def test_pair_filters_on_real_photo_pairs(scored, pairs_file):
         assert r["keep"] == (why is None) and r["source"] == "edit:photos"
         assert r["id"] == make_id(str(path), key) and set(r["skipped"]) == set(SKIP)
     assert rows["broken_target"]["error"].startswith("target: ")  # the reason names the image
+    assert "truncated" in rows["broken_target"]["error"]  # cut mid-scan: caught by the draft decode too
     kept, dup = sorted((rows["dup_a"], rows["dup_b"]), key=lambda r: r["id"])
     assert dup["dup_of"] == kept["id"] and kept["dup_of"] is None
     assert rows["chinese_instruction"]["instruction_language"] == "zh"
