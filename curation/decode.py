@@ -67,12 +67,36 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX, I;16 handled above
 
 
-def _centre_crop(im: Image.Image, side: int) -> Image.Image:
+def _crop_box(shape: tuple[int, int], side: int) -> tuple[slice, slice]:
     """Centre crop of at most ``side`` x ``side`` whose origin is a multiple of 8 (the JPEG grid)."""
-    w, h = im.size
-    cw, ch = min(w, side), min(h, side)
-    x0, y0 = (w - cw) // 2 // 8 * 8, (h - ch) // 2 // 8 * 8
-    return im.crop((x0, y0, x0 + cw, y0 + ch))
+    h, w = shape
+    ch, cw = min(h, side), min(w, side)
+    y0, x0 = (h - ch) // 2 // 8 * 8, (w - cw) // 2 // 8 * 8
+    return slice(y0, y0 + ch), slice(x0, x0 + cw)
+
+
+def _centre_crop(im: Image.Image, side: int) -> Image.Image:
+    ys, xs = _crop_box(im.size[::-1], side)
+    return im.crop((xs.start, ys.start, xs.stop, ys.stop))
+
+
+def _reduce2(a: np.ndarray) -> np.ndarray:
+    """``Image.reduce(2)`` of 8-bit luma, bit for bit (2x2 means rounded half up; an odd last row or
+    column averages its pairs, an odd corner is kept), with OpenCV's vectorised 2x INTER_AREA: ~10x
+    cheaper than Pillow's on a 1.5 MP image."""
+    import cv2  # only the grey path needs it (stage 1's workers do not import it)
+
+    h, w = a.shape
+    h2, w2 = h // 2, w // 2
+    out = np.empty((h - h2, w - w2), np.uint8)
+    out[:h2, :w2] = cv2.resize(a[:2 * h2, :2 * w2], (w2, h2), interpolation=cv2.INTER_AREA)
+    if w % 2:
+        out[:h2, w2] = (a[0:2 * h2:2, -1].astype(np.uint16) + a[1:2 * h2:2, -1] + 1) >> 1
+    if h % 2:
+        out[h2, :w2] = (a[-1, 0:2 * w2:2].astype(np.uint16) + a[-1, 1:2 * w2:2] + 1) >> 1
+        if w % 2:
+            out[h2, w2] = a[-1, -1]
+    return out
 
 
 def _full_scale_luma(data: bytes, side: int) -> np.ndarray:
@@ -146,11 +170,18 @@ def decode(data: bytes, working_size: int, max_pixels: int, grid_crop: int = 0, 
             if orientation != 1:
                 im = im.transpose(_EXIF_TRANSPOSE[orientation])
             grid = None
-            if grid_crop > 0:  # the grid's phase is searched per axis: orientation does not matter
-                grid = _full_scale_luma(data, grid_crop) if drafted else np.asarray(_to_grey(_centre_crop(im, grid_crop)))
-            # Non-JPEG formats decode at full size; integer reduce keeps short side >= working_size.
+            # Non-JPEG formats (and grey JPEGs) decode at full size; integer reduce keeps short side
+            # >= working_size.
             factor = min(im.size) // working_size
-            if factor >= 2:
+            if grey and (grid_crop > 0 or factor == 2):  # one array serves the grid and the working image
+                a = np.asarray(im)
+                if grid_crop > 0 and not drafted:
+                    grid = np.ascontiguousarray(a[_crop_box(a.shape, grid_crop)])
+                if factor == 2:
+                    im = Image.fromarray(_reduce2(a))
+            if grid_crop > 0 and grid is None:  # the grid's phase is searched per axis: orientation is moot
+                grid = _full_scale_luma(data, grid_crop) if drafted else np.asarray(_to_grey(_centre_crop(im, grid_crop)))
+            if factor >= 2 and not (grey and factor == 2):
                 im = im.reduce(factor)
         if orientation in _TRANSPOSED_ORIENTATIONS:
             w, h = h, w
