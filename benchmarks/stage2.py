@@ -39,6 +39,22 @@ def _decode_pair(pair: tuple[bytes, bytes]) -> int:
     return sum(Image.open(io.BytesIO(b)).convert("RGB").size[0] for b in pair)
 
 
+def _tree_cpu() -> float:
+    """CPU seconds of this process and its live descendants (Ray's GCS, raylet and workers)."""
+    import psutil
+
+    procs = [psutil.Process()]
+    procs += procs[0].children(recursive=True)
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:  # exited meanwhile
+            pass
+    return total
+
+
 def make_pairs(path: Path, n: int, size: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -70,12 +86,13 @@ def main() -> None:
         make_pairs(pairs, a.n, a.size)
     print(f"pairs: {a.n} real-photo edit pairs, long side {a.size} px, {pairs.stat().st_size / 1e6:.0f} MB, {cpus} cores")
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), os.times()
     data = pq.read_table(pairs, columns=["source_image", "target_image"])
     todo = list(zip(data["source_image"].to_pylist(), data["target_image"].to_pylist(), strict=True))
     with Pool(cpus) as pool:
         pool.map(_decode_pair, todo, chunksize=16)
     decode_rate = a.n / (time.perf_counter() - t)
+    base_cpu = sum(os.times()[:4]) - sum(c[:4])  # this process + its reaped pool workers
     print(f"(a) bare Pillow full decode of both images, {cpus} processes: {decode_rate:.1f} pairs/s")
 
     import ray
@@ -88,15 +105,19 @@ def main() -> None:
     t = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     print(f"ray.init: {time.perf_counter() - t:.1f} s (not in the ratio)")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _tree_cpu()
     summary = run_pair_stage(str(pairs), str(out), cfg, ("direction", "instruction", "source_nsfw", "target_nsfw"),
                              progress=False, report=False)
     wall = time.perf_counter() - t
+    cpu = _tree_cpu() - c
     rate = summary.rows / wall
     ray.shutdown()
     print(f"(b) stage-2 model-free filters via Ray Data + Lance: {rate:.1f} pairs/s {summary.reasons}; "
           f"{wall:.1f} s = scoring + commits {summary.scoring_seconds:.1f} s ({summary.rows / summary.scoring_seconds:.1f}"
           f" pairs/s) + planning and decision pass {wall - summary.scoring_seconds:.1f} s")
+    print(f"CPU per pair, all processes: (a) {1e3 * base_cpu / a.n:.1f} ms, (b) {1e3 * cpu / a.n:.1f} ms (driver, Ray "
+          f"workers, raylet, GCS): CPU-bound ratio {base_cpu / cpu:.2f}; load average "
+          + " / ".join(f"{v:.1f}" for v in os.getloadavg()))
     print(f"stage2 pairs/decode ratio: {rate / decode_rate:.2f}")
 
 
