@@ -40,6 +40,7 @@ _SORT_COST, _PAIR_COST, _PROBE_COST, _COVER_COST = 1.0, 2.5, 2.0, 0.5
 # Candidate pairs materialised at once by the probing search (bounds memory).
 _CHUNK_PAIRS = 1 << 22
 _CACHE_CHUNK = 1 << 15  # hashes per in-cache chunk (256 KiB)
+_SORT_CHUNK = 1 << 16  # hashes per in-cache sort (512 KiB, a share of the 2 MiB L2)
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 _EMPTY_U = (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
 
@@ -71,43 +72,42 @@ def covering(s: int, d: int) -> tuple[tuple[int, ...], ...]:
     return tuple(family)
 
 
-def _runs(blocks) -> list[tuple[int, int]]:
-    """Blocks as (first block, length) runs of adjacent blocks: one shift per run, not per block."""
-    runs: list[list[int]] = []
-    for b in blocks:
-        if runs and runs[-1][0] + runs[-1][1] == b:
-            runs[-1][1] += 1
-        else:
-            runs.append([b, 1])
-    return [(a, n) for a, n in runs]
-
-
 @functools.cache
-def _layout(key: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
-    """(source bit, width, destination bit) moves putting the key's blocks at the top of the word
-    and the other blocks below them: a bit permutation, so Hamming distances are unchanged."""
-    moves, top = [], 64
+def placement(key: tuple[int, ...], prefix: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Destination of each of the 16 blocks (block ``b`` holds bits 4b..4b+3): the prefix's blocks
+    at the top in its order, the key's other blocks right below, the rest at the bottom. A bit
+    permutation, so Hamming distances are unchanged; blocks already inside their region stay put
+    (fewer distinct shifts, so fewer passes in ``permute``)."""
+    dest = [-1] * BLOCKS
+    for i, b in enumerate(prefix):
+        dest[b] = BLOCKS - 1 - i
     rest = [b for b in range(BLOCKS) if b not in key]
-    for a, n in _runs(key) + _runs(rest):
-        top -= n * BLOCK_BITS
-        moves.append((a * BLOCK_BITS, n * BLOCK_BITS, top))
-    return tuple(moves)
+    for blocks, lo, hi in ((sorted(set(key) - set(prefix)), BLOCKS - len(key), BLOCKS - len(prefix)),
+                           (rest, 0, BLOCKS - len(key))):
+        stay = [b for b in blocks if lo <= b < hi]
+        movers = [b for b in blocks if b not in stay]
+        for b in stay:
+            dest[b] = b
+        for b, q in zip(movers, [q for q in range(lo, hi) if q not in stay], strict=True):
+            dest[b] = q
+    return tuple(dest)
 
 
 @functools.cache
-def _shifts(key: tuple[int, ...], inverse: bool) -> tuple[tuple[np.uint64, int, np.uint64], ...]:
-    """The layout's moves merged by shift distance: (source mask, direction, shift) per distance."""
+def _shifts(dest: tuple[int, ...], inverse: bool) -> tuple[tuple[np.uint64, int, np.uint64], ...]:
+    """The placement's block moves merged by shift distance: (source mask, direction, shift)."""
     by: dict[int, int] = {}
-    for s, w, d in _layout(key):
-        s, d = (d, s) if inverse else (s, d)
-        by[d - s] = by.get(d - s, 0) | (((1 << w) - 1) << s)
-    return tuple((np.uint64(m), 1 if k >= 0 else -1, np.uint64(abs(k))) for k, m in sorted(by.items()))
+    for b, q in enumerate(dest):
+        src, dst = (q, b) if inverse else (b, q)
+        by[dst - src] = by.get(dst - src, 0) | (((1 << BLOCK_BITS) - 1) << (BLOCK_BITS * src))
+    return tuple((np.uint64(m), 1 if k >= 0 else -1, np.uint64(BLOCK_BITS * abs(k)))
+                 for k, m in sorted(by.items()))
 
 
-def permute(h: np.ndarray, key: tuple[int, ...], inverse: bool = False, out: np.ndarray | None = None
+def permute(h: np.ndarray, dest: tuple[int, ...], inverse: bool = False, out: np.ndarray | None = None
             ) -> np.ndarray:
-    """``h`` with the key's blocks moved to the top bits (or back, with ``inverse``)."""
-    moves = _shifts(key, inverse)
+    """``h`` with its blocks moved as ``dest`` (a ``placement``) says, or back with ``inverse``."""
+    moves = _shifts(dest, inverse)
     out = np.empty(len(h), np.uint64) if out is None else out[: len(h)]
     tmp = np.empty(min(len(h), _CACHE_CHUNK), np.uint64)
     # Chunks that stay in cache, ops in place: on millions of hashes, one pass per move over whole
@@ -124,6 +124,20 @@ def permute(h: np.ndarray, key: tuple[int, ...], inverse: bool = False, out: np.
     return out
 
 
+@functools.cache
+def schedule(s: int, d: int, p: int) -> tuple[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]], ...]:
+    """The covering keys grouped under shared ``p``-block prefixes, greedily (each prefix takes the
+    most keys left): ``((prefix, keys), ...)``. Hashes ordered once by a prefix's value serve all
+    its keys: with the prefix on top, each key's sort splits into independent in-cache pieces."""
+    left, out = list(covering(s, d)), []
+    while left:
+        best = max(itertools.combinations(range(BLOCKS), p),
+                   key=lambda c: sum(set(c) <= set(k) for k in left))
+        out.append((best, tuple(k for k in left if set(best) <= set(k))))
+        left = [k for k in left if not set(best) <= set(k)]
+    return tuple(out)
+
+
 def _dirty_blocks(x: np.ndarray) -> np.ndarray:
     """16-bit mask of the nonzero 4-bit blocks of each uint64 (of a xor: the blocks two hashes
     differ in), by folding each block's bits into its lowest and packing those 16 bits together."""
@@ -138,23 +152,23 @@ def _dirty_blocks(x: np.ndarray) -> np.ndarray:
 
 
 @functools.cache
-def first_key_tables(s: int, d: int) -> np.ndarray:
-    """``[t, m]``: True where covering key ``t`` is the first key whose blocks all lie outside the
-    dirty-block mask ``m`` (``m`` in key ``t``'s permuted layout). A pair within ``d`` shares every
-    key that avoids its dirty blocks (dozens of them); keeping it only at the first reports it once,
-    so the index mapping and component merging downstream see each pair once, not once per key."""
-    keys = covering(s, d)
+def first_key_tables(keys: tuple[tuple[int, ...], ...], dests: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """``[t, m]``: True where ``keys[t]`` is the first key whose blocks all lie outside the
+    dirty-block mask ``m`` (``m`` in the key's placement ``dests[t]``). A pair within ``d`` shares
+    every key that avoids its dirty blocks (dozens of them); keeping it only at the first reports it
+    once, so the index mapping and component merging downstream see each pair once, not per key."""
     m = np.arange(1 << BLOCKS)
     first = np.full(1 << BLOCKS, len(keys), np.int64)
     for t in range(len(keys) - 1, -1, -1):
         first[(m & sum(1 << b for b in keys[t])) == 0] = t
     out = np.empty((len(keys), 1 << BLOCKS), bool)
-    for t, key in enumerate(keys):
-        orig = np.zeros(1 << BLOCKS, np.int64)  # permuted-layout mask -> original block mask
-        for src, width, dst in _layout(key):
-            for i in range(width // BLOCK_BITS):
-                orig |= ((m >> (dst // BLOCK_BITS + i)) & 1) << (src // BLOCK_BITS + i)
-        out[t] = first[orig] == t
+    byte = np.arange(256)
+    for t, dest in enumerate(dests):
+        # A mask in the placement -> the mask of original blocks, through one table per mask byte.
+        lo, hi = np.zeros(256, np.int64), np.zeros(256, np.int64)
+        for b, q in enumerate(dest):
+            (lo if q < 8 else hi)[:] |= ((byte >> (q % 8)) & 1) << b
+        out[t] = first[lo[m & 255] | hi[m >> 8]] == t
     return out
 
 
@@ -171,41 +185,76 @@ def sorted_pairs(v: np.ndarray, key_bits: int, d: int, buf: np.ndarray | None = 
     if n < 2:
         return _EMPTY_U
     v.sort()
-    # Neighbours share the key iff their xor is below the key's lowest bit.
-    x = np.bitwise_xor(v[1:], v[:-1], out=None if buf is None else buf[: n - 1])
-    p = np.flatnonzero(x < np.uint64(1 << (64 - key_bits))) if key_bits else np.arange(n - 1)
-    if not len(p):
-        return _EMPTY_U
-    # rest[q]: neighbours left in q's run after q + 1, so (q, q + k) pairs exist while rest >= k - 1.
-    # Runs are counted only at their positions (few: about n / 2^(key_bits - log2 n) of them).
-    start = np.r_[True, p[1:] != p[:-1] + 1]
-    run_id = np.cumsum(start) - 1
-    run_end = p[np.r_[np.flatnonzero(start)[1:] - 1, len(p) - 1]]
-    rest = run_end[run_id] - p
-    out_x, out_y, k = [], [], 1
-    while len(p):
-        a, b = v[p], v[p + k]
-        x = a ^ b
-        ok = np.bitwise_count(x) <= d
-        if first is not None:
-            ok[ok] = first[_dirty_blocks(x[ok])]
-        out_x.append(a[ok])
-        out_y.append(b[ok])
-        more = rest >= k
-        p, rest, k = p[more], rest[more], k + 1
+    # same[q]: v[q] and v[q + 1] share the key (their xor is below the key's lowest bit). The
+    # padding False ends the last run; (q, q + k + 1) share the key iff (q, q + k) and (q + k,
+    # q + k + 1) do, so the positions left for the next k are one lookup away.
+    same = np.zeros(n, bool)
+    if key_bits:
+        x = np.bitwise_xor(v[1:], v[:-1], out=None if buf is None else buf[: n - 1])
+        np.less(x, np.uint64(1 << (64 - key_bits)), out=same[:-1])
+    else:
+        same[:-1] = True
+    q, k, out_x, out_y = np.flatnonzero(same), 1, [_EMPTY_U[0]], [_EMPTY_U[1]]
+    while len(q):
+        qk = q + k
+        x = v[q] ^ v[qk]
+        ok = np.flatnonzero(np.bitwise_count(x) <= d)
+        if first is not None and len(ok):
+            ok = ok[first[_dirty_blocks(x[ok])]]
+        out_x.append(v[q[ok]])
+        out_y.append(v[qk[ok]])
+        q, k = q[same[qk]], k + 1
     return np.concatenate(out_x), np.concatenate(out_y)
 
 
+def _prefix_blocks(n: int, s: int) -> int:
+    """Prefix blocks for n hashes: none while one sort fits in cache, else enough (at least 2, so
+    1M-16M share one layout) that each prefix value holds at most a few cache-sized chunks."""
+    if n <= 2 * _SORT_CHUNK:
+        return 0
+    return min(s, 4, max(2, math.ceil(math.log2(n / _SORT_CHUNK) / BLOCK_BITS)))
+
+
 def _covering_pairs(h: np.ndarray, d: int, s: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Pairs as indices into ``h`` (sorted, distinct). Two scratch arrays serve every key: fresh
-    n-sized arrays per key cost page faults that grow with n."""
-    v, buf = np.empty(len(h), np.uint64), np.empty(len(h), np.uint64)
-    firsts = first_key_tables(s, d)
-    for key, first in zip(covering(s, d), firsts, strict=True):
-        x, y = sorted_pairs(permute(h, key, out=v), BLOCK_BITS * s, d, buf, first)
-        if len(x):
-            ij = _index_of(h, np.concatenate([permute(x, key, True), permute(y, key, True)]))
-            yield _ordered(ij[: len(x)], ij[len(x):])
+    """Pairs as indices into ``h`` (sorted, distinct), each pair once.
+
+    Per prefix group, the hashes are ordered by the prefix's value (a linear radix sort of <= 16-bit
+    values). Each key's placement puts that prefix on top, so its sorted order is the prefix order
+    with every stretch of equal prefix values sorted on its own: the key's sort, neighbour scan and
+    pair checks run chunk by chunk (~_SORT_CHUNK hashes, cut between prefix values) in cache, and
+    their cost per hash no longer grows with n. Two scratch arrays serve every key: fresh n-sized
+    arrays per key cost page faults that grow with n."""
+    n, p = len(h), _prefix_blocks(len(h), s)
+    groups = schedule(s, d, p)
+    keys = tuple(k for _, ks in groups for k in ks)
+    dests = tuple(placement(k, prefix) for prefix, ks in groups for k in ks)
+    firsts = first_key_tables(keys, dests)
+    v, buf = np.empty(n, np.uint64), np.empty(n, np.uint64)
+    t = 0
+    for prefix, group in groups:
+        if p:
+            val = np.zeros(n, np.uint16)
+            for i, b in enumerate(prefix):
+                val |= (((h >> np.uint64(BLOCK_BITS * b)) & np.uint64(15)).astype(np.uint16)
+                        << np.uint16(BLOCK_BITS * (p - 1 - i)))
+            hp = h[np.argsort(val, kind="stable")]  # radix sort: linear in n
+            ends = np.cumsum(np.bincount(val, minlength=1 << (BLOCK_BITS * p)))
+            cuts = ends[np.searchsorted(ends, np.arange(1, n // _SORT_CHUNK + 1) * _SORT_CHUNK)]
+            edges = np.unique(np.r_[0, cuts, n]).tolist()
+        else:
+            hp, edges = h, [0, n]
+        for _ in group:
+            dest, xs, ys = dests[t], [], []
+            for a, b in itertools.pairwise(edges):
+                x, y = sorted_pairs(permute(hp[a:b], dest, out=v[a:b]), BLOCK_BITS * s, d, buf, firsts[t])
+                if len(x):
+                    xs.append(x)
+                    ys.append(y)
+            t += 1
+            if xs:
+                x, y = np.concatenate(xs), np.concatenate(ys)
+                ij = _index_of(h, np.concatenate([permute(x, dest, True), permute(y, dest, True)]))
+                yield _ordered(ij[: len(x)], ij[len(x):])
 
 
 def _index_of(h: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -369,9 +418,11 @@ class Components:
 
 
 def near_components(hashes: np.ndarray, d: int, how: tuple[str, int] | None = None,
-                    distributed: bool = False, partitions: int | None = None) -> np.ndarray:
-    """Component label per distinct hash (pairs within ``d``, transitively)."""
-    comps = Components(len(hashes))
+                    distributed: bool = False, partitions: int | None = None,
+                    comps: Components | None = None) -> np.ndarray:
+    """Component label per distinct hash (pairs within ``d``, transitively; ``comps``: components
+    already holding other edges among these hashes)."""
+    comps = comps or Components(len(hashes))
     pairs = (distributed_pairs(hashes, d, how, partitions) if distributed
              else candidate_pairs(hashes, d, how))
     for i, j in pairs:
@@ -380,25 +431,26 @@ def near_components(hashes: np.ndarray, d: int, how: tuple[str, int] | None = No
 
 
 # --------------------------------------------------------------------------- distributed (Ray Data)
-def _emit_keys(batch: dict, keys: tuple[tuple[int, ...], ...], key_bits: int, parts: int) -> dict:
+def _emit_keys(batch: dict, dests: tuple[tuple[int, ...], ...], key_bits: int, parts: int) -> dict:
     """Every hash once per covering key: (partition, key id, permuted hash)."""
     h = batch["h"]
-    v = np.concatenate([permute(h, k) for k in keys])
-    t = np.repeat(np.arange(len(keys), dtype=np.uint64), len(h))
+    v = np.concatenate([permute(h, dest) for dest in dests])
+    t = np.repeat(np.arange(len(dests), dtype=np.uint64), len(h))
     bucket = (v >> np.uint64(64 - key_bits)) ^ (t * np.uint64(0x9E3779B97F4A7C15))
     part = ((bucket * np.uint64(0xBF58476D1CE4E5B9)) >> np.uint64(40)) % np.uint64(parts)
     return {"part": part, "t": t, "v": v}
 
 
-def _partition_pairs(group: dict, key_sets: tuple[tuple[int, ...], ...], key_bits: int, d: int) -> dict:
+def _partition_pairs(group: dict, key_sets: tuple[tuple[int, ...], ...], dests: tuple[tuple[int, ...], ...],
+                     key_bits: int, d: int) -> dict:
     """One partition's buckets paired locally; pairs go back as original hash values, each pair
     from its first key only."""
     xs, ys = [_EMPTY_U[0]], [_EMPTY_U[1]]
-    firsts = first_key_tables(key_bits // BLOCK_BITS, d)
+    firsts = first_key_tables(key_sets, dests)
     for t in np.unique(group["t"]).tolist():
         x, y = sorted_pairs(group["v"][group["t"] == t], key_bits, d, first=firsts[t])
-        xs.append(permute(x, key_sets[t], True))
-        ys.append(permute(y, key_sets[t], True))
+        xs.append(permute(x, dests[t], True))
+        ys.append(permute(y, dests[t], True))
     return {"x": np.concatenate(xs), "y": np.concatenate(ys)}
 
 
@@ -418,15 +470,16 @@ def distributed_pairs(hashes: np.ndarray, d: int, how: tuple[str, int] | None = 
     if kind != "cover":  # a plan for a small input: keys about log2(n) bits wide
         s = min(BLOCKS - d, math.ceil(math.log2(len(h)) / BLOCK_BITS))
     keys = covering(s, d)
+    dests = tuple(placement(k) for k in keys)
     if not ray.is_initialized():  # a --rethreshold run has no Ray yet; under `ray job submit` this joins the cluster
         ray.init(include_dashboard=False, ignore_reinit_error=True)
     parts = partitions or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
     out = (ray.data.from_arrow(pa.table({"h": pa.array(h, pa.uint64())}))
            .map_batches(_emit_keys, batch_format="numpy",
-                        fn_kwargs={"keys": keys, "key_bits": BLOCK_BITS * s, "parts": parts})
+                        fn_kwargs={"dests": dests, "key_bits": BLOCK_BITS * s, "parts": parts})
            .groupby("part")
            .map_groups(_partition_pairs, batch_format="numpy",
-                       fn_kwargs={"key_sets": keys, "key_bits": BLOCK_BITS * s, "d": d}))
+                       fn_kwargs={"key_sets": keys, "dests": dests, "key_bits": BLOCK_BITS * s, "d": d}))
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
         if len(batch["x"]):
             ij = _index_of(h, np.concatenate([batch["x"], batch["y"]]))
@@ -434,13 +487,6 @@ def distributed_pairs(hashes: np.ndarray, d: int, how: tuple[str, int] | None = 
 
 
 # --------------------------------------------------------------------------- public API
-def _group_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Star edges joining every row to the first row with the same key."""
-    _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-    rows = np.arange(len(keys))
-    return rows, first[inv]
-
-
 def cluster(phash: np.ndarray, content_hash: np.ndarray, max_hamming: int,
             distributed: bool = False, how: tuple[str, int] | None = None) -> np.ndarray:
     """Component label per row: rows with equal content hash, or pHashes within ``max_hamming``
@@ -450,14 +496,17 @@ def cluster(phash: np.ndarray, content_hash: np.ndarray, max_hamming: int,
     n = len(phash)
     if n == 0:
         return np.zeros(0, np.int64)
-    a1, b1 = _group_edges(content_hash)
-    uniq, first, inv = np.unique(np.asarray(phash, np.uint64), return_index=True, return_inverse=True)
-    near = near_components(uniq, max_hamming, how, distributed=distributed)
-    # Row -> its pHash's first row (identical pHashes), and that to its near component's first row.
-    a2, b2 = np.arange(n), first[near[inv]]
-    g = coo_matrix((np.ones(2 * n, np.int8), (np.concatenate([a1, a2]), np.concatenate([b1, b2]))),
-                   shape=(n, n))
-    return connected_components(g, directed=False)[1]
+    # Only inverses: np.unique then sorts with the SIMD argsort, not the stable one first indices need.
+    uniq, inv = np.unique(np.asarray(phash, np.uint64), return_inverse=True)
+    content = np.unique(content_hash, return_inverse=True)[1]
+    # Rows with one content hash join their pHashes: an edge from each row's pHash to the pHash of
+    # one row of its content group (self-loops, the usual case, are dropped on arrival). Labels are
+    # the components of the distinct pHashes, so no graph over all rows is built.
+    rep = np.empty(int(content.max()) + 1, np.int64)
+    rep[content] = inv
+    comps = Components(len(uniq))
+    comps.add(inv, rep[content])
+    return near_components(uniq, max_hamming, how, distributed=distributed, comps=comps)[inv]
 
 
 def survivors(labels: np.ndarray, area: np.ndarray, ids: np.ndarray) -> np.ndarray:

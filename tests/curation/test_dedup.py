@@ -71,13 +71,31 @@ def test_covering_keys_survive_every_dirty_block_set(s, d):
         assert any(not k.intersection(dirty) for k in keys), dirty
 
 
-def test_permute_is_a_bit_permutation():
+@pytest.mark.parametrize("prefix", [(), (2, 9), (9,)])
+def test_permute_is_a_bit_permutation_with_the_prefix_then_the_key_on_top(prefix):
     h = np.random.default_rng(0).integers(0, 2**64 - 1, 1000, dtype=np.uint64, endpoint=True)
-    key = dedup.covering(5, 6)[7]
-    v = dedup.permute(h, key)
-    assert (dedup.permute(v, key, inverse=True) == h).all()
+    key = (1, 2, 6, 9, 13)
+    dest = dedup.placement(key, prefix)
+    v = dedup.permute(h, dest)
+    assert (dedup.permute(v, dest, inverse=True) == h).all()
     assert (np.bitwise_count(v) == np.bitwise_count(h)).all()
     assert (np.bitwise_count(v[1:] ^ v[:-1]) == np.bitwise_count(h[1:] ^ h[:-1])).all()
+    nib = lambda a, pos: (a >> np.uint64(4 * pos)) & np.uint64(15)  # noqa: E731
+    for i, b in enumerate(prefix):  # the prefix's blocks on top, in its order
+        assert (nib(v, 15 - i) == nib(h, b)).all()
+    top = {int(q) for q in range(16 - len(key), 16)}  # then the key's other blocks
+    assert {dest[b] for b in key} == top
+
+
+def test_each_pair_reported_once_at_its_first_key(monkeypatch):
+    """A pair shares dozens of keys; the search keeps it at the first one only, with the keys
+    ordered by prefix groups and the sort cut into chunks between prefix values."""
+    h = _planted(6)
+    monkeypatch.setattr(dedup, "_SORT_CHUNK", 64)  # 2-block prefixes and many chunks on 450 hashes
+    assert dedup._prefix_blocks(len(h), 5) == 2
+    batches = list(dedup.candidate_pairs(h, 6, ("cover", 5)))
+    got = [(a, b) for i, j in batches for a, b in zip(i.tolist(), j.tolist(), strict=True)]
+    assert len(got) == len(set(got)) and set(got) == _brute(h, 6)
 
 
 def test_plan_widens_keys_with_n():
