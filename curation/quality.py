@@ -267,19 +267,19 @@ def _area_weights(src: int, dst: int):
     covered fraction, slivers under 1e-3 dropped) as a sparse (dst, src) matrix."""
     import scipy.sparse
 
-    scale = src / dst
-    rows, cols, vals = [], [], []
-    for d in range(dst):
-        f1 = d * scale
-        f2, cell = f1 + scale, min(scale, src - f1)
-        s2 = min(math.floor(f2), src - 1)
-        s1 = min(math.ceil(f1), s2)
-        taps = ([(s1 - 1, (s1 - f1) / cell)] if s1 - f1 > 1e-3 else []) + [(k, 1.0 / cell) for k in range(s1, s2)]
-        taps += [(s2, min(f2 - s2, 1.0, cell) / cell)] if f2 - s2 > 1e-3 else []
-        rows += [d] * len(taps)
-        cols += [k for k, _ in taps]
-        vals += [v for _, v in taps]
-    return scipy.sparse.csr_matrix((np.array(vals, np.float32), (rows, cols)), shape=(dst, src))
+    scale = 1.0 / (dst / src)  # as OpenCV: the inverse of its inv_scale
+    f1 = np.arange(dst) * scale
+    f2, cell = f1 + scale, np.minimum(scale, src - f1)
+    s2 = np.minimum(np.floor(f2), src - 1).astype(np.int64)
+    s1 = np.minimum(np.ceil(f1).astype(np.int64), s2)
+    # Per output, its taps in column order: the partial first cell, the whole ones (s1 <= k < s2),
+    # the partial last one; built straight into CSR (rows in order, no COO sort).
+    cols = np.concatenate([(s1 - 1)[:, None], s1[:, None] + np.arange(math.ceil(scale) + 1), s2[:, None]], 1)
+    vals = np.concatenate([((s1 - f1) / cell)[:, None], np.broadcast_to(1.0 / cell[:, None], (dst, cols.shape[1] - 2)),
+                           (np.minimum(np.minimum(f2 - s2, 1.0), cell) / cell)[:, None]], 1)
+    keep = np.concatenate([(s1 - f1 > 1e-3)[:, None], cols[:, 1:-1] < s2[:, None], (f2 - s2 > 1e-3)[:, None]], 1)
+    indptr = np.concatenate([[0], np.cumsum(keep.sum(1))])
+    return scipy.sparse.csr_matrix((vals[keep].astype(np.float32), cols[keep], indptr), shape=(dst, src))
 
 
 def area_resize(grey: np.ndarray, width: int, height: int) -> np.ndarray:
