@@ -81,6 +81,9 @@ class IndexConfig:
     refine_factor: int = 10
     """Re-rank refine_factor x k PQ candidates with exact distances from the stored float32 vectors:
     what lifts PQ recall above 0.95."""
+    query_threads: int = 2
+    """Concurrent full-text queries of one batched hybrid search (`PoolIndex.hybrid_many`; Lance
+    runs them outside the GIL)."""
     batch_size: int = 256
     """Captions per CLIP text batch (one Ray Data batch)."""
     num_cpus: int | None = None

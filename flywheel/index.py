@@ -258,40 +258,57 @@ def _sub_vectors(dim: int, sub: int) -> int:
 
 # --------------------------------------------------------------------------- search
 class PoolIndex:
-    """Hybrid search over the index table (read-only; any number of readers)."""
+    """Hybrid search over the index table (read-only; any number of readers).
+
+    Queries go to the table's Lance dataset directly (`ds.to_table(nearest=... / full_text_query=...)`):
+    the same index and refinement as LanceDB's query builder at about 60% of its CPU per query
+    (measured 10.3 vs 16.5 ms at 1M rows), and it takes a batch of query vectors in one call."""
 
     def __init__(self, db, cfg: IndexConfig):
         self.tbl, self.cfg = db.open_table(TABLE), cfg
         self.version = self.tbl.version
+        self.ds = self.tbl.to_lance()  # pinned to `version`: every query of this reader sees one snapshot
         self.indexed = {i.columns[0] for i in self.tbl.list_indices()}
 
-    def _tune(self, q, col: str):
-        if col in self.indexed:
-            q = q.nprobes(self.cfg.nprobes).refine_factor(self.cfg.refine_factor)
-        return q
+    def _vectors(self, q: np.ndarray, k: int, column: str, where: str | None, columns: list[str]) -> pa.Table:
+        """Top-k by cosine for one vector (1-d) or a batch (2-d: adds `query_index`); `_distance` is
+        the exact cosine distance once refined (IVF_PQ) or searched flat."""
+        nearest = {"column": column, "q": np.asarray(q, np.float32), "k": k, "metric": "cosine"}
+        if column in self.indexed:
+            nearest |= {"nprobes": self.cfg.nprobes, "refine_factor": self.cfg.refine_factor}
+        return self.ds.to_table(columns=columns, nearest=nearest, filter=where, prefilter=bool(where),
+                                with_row_id=True)
+
+    def _text(self, text: str, k: int, where: str | None, columns: list[str]) -> pa.Table:
+        """Top-k by BM25 on the caption text (LanceDB's native FTS index); adds `_score`."""
+        return self.ds.to_table(columns=columns, full_text_query={"query": _fts_query(text), "columns": ["text"]},
+                                filter=where, prefilter=bool(where), limit=k, with_row_id=True)
 
     def hybrid(self, text: str, vector: np.ndarray, k: int, where: str | None = None) -> pa.Table:
         """Top-k by RRF of cosine on caption embeddings and BM25 on caption text; adds
         `similarity` (exact cosine of the caption embedding) and `fts_match`."""
-        from lancedb.rerankers import RRFReranker
+        return self.hybrid_many([text], np.asarray(vector)[None], k, where)[0]
 
-        cols = [*ROW_COLUMNS, "text_vector"]  # _distance / _score are added by the search
-        q = self.tbl.search(query_type="hybrid", vector_column_name="text_vector").vector(vector).text(_fts_query(text))
-        q = self._tune(q.distance_type("cosine"), "text_vector").rerank(RRFReranker(return_score="all"))
-        if where:
-            q = q.where(where, prefilter=True)
-        r = q.limit(k).select(cols).to_arrow()
-        return _with_similarity(r, vector, fts=True)
+    def hybrid_many(self, texts: list[str], vectors: np.ndarray, k: int, where: str | None = None) -> list[pa.Table]:
+        """:meth:`hybrid` for a batch of queries: the vector leg is one batched Lance query, the
+        full-text legs run concurrently (Lance releases the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        cols = [*ROW_COLUMNS, "text_vector"]
+        vectors = np.asarray(vectors, np.float32).reshape(len(texts), -1)
+        vec = self._vectors(vectors, k, "text_vector", where, cols) if len(texts) > 1 else \
+            _with_query_index(self._vectors(vectors[0], k, "text_vector", where, cols), 0)
+        with ThreadPoolExecutor(max(1, min(len(texts), self.cfg.query_threads))) as ex:
+            fts = list(ex.map(lambda t: self._text(t, k, where, cols), texts))
+        qi = vec["query_index"].to_numpy()
+        return [_rrf(vec.filter(pa.array(qi == j)).drop(["query_index"]), f, vectors[j], k)
+                for j, f in enumerate(fts)]
 
     def nearest(self, vector: np.ndarray, k: int, column: str = "text_vector", where: str | None = None,
                 columns: tuple[str, ...] = ROW_COLUMNS) -> pa.Table:
         """Vector-only top-k by cosine on `column` (IVF_PQ with nprobes / refine once indexed, else
         exact); adds `similarity` = 1 - cosine distance."""
-        q = self.tbl.search(vector, vector_column_name=column).distance_type("cosine")
-        q = self._tune(q, column).limit(k)
-        if where:
-            q = q.where(where, prefilter=True)
-        r = q.select([*columns, "_distance"]).to_arrow()
+        r = self._vectors(vector, k, column, where, [*columns]).drop(["_rowid"])
         return r.append_column("similarity", pa.array((1.0 - r["_distance"].to_numpy()).astype(np.float32)))
 
     def images(self, vector: np.ndarray, k: int, where: str | None = None) -> pa.Table:
@@ -317,14 +334,36 @@ def _fts_query(text: str) -> str:
     return " ".join("".join(ch if ch.isalnum() else " " for ch in text).split()) or "_"
 
 
-def _with_similarity(r: pa.Table, vector: np.ndarray, fts: bool) -> pa.Table:
+def _with_query_index(t: pa.Table, j: int) -> pa.Table:
+    return t.add_column(0, "query_index", pa.array(np.full(t.num_rows, j, np.int32)))
+
+
+def _rrf(vec: pa.Table, fts: pa.Table, vector: np.ndarray, k: int, K: int = 60) -> pa.Table:
+    """Reciprocal-rank fusion of one query's two legs (the formula of LanceDB's RRFReranker,
+    score = sum of 1 / (K + rank)); a row in both legs once. Adds `_relevance_score`, `similarity`
+    (exact cosine of the caption embedding to the query) and `fts_match` (found by the text leg)."""
+    score: dict[int, float] = {}
+    for leg in (vec, fts):
+        for rank, rid in enumerate(leg["_rowid"].to_pylist(), 1):
+            score[rid] = score.get(rid, 0.0) + 1.0 / (K + rank)
+    cols = [*ROW_COLUMNS, "text_vector", "_rowid"]
+    both = pa.concat_tables([vec.select(cols), fts.select(cols)])
+    rid = both["_rowid"].to_numpy()
+    _, first = np.unique(rid, return_index=True)
+    both = both.take(pa.array(np.sort(first)))
+    rid = both["_rowid"].to_numpy()
+    rel = np.array([score[r] for r in rid.tolist()], np.float32)
+    order = np.lexsort((rid, -rel))[:k]  # ties broken by row id: deterministic
+    fts_ids = set(fts["_rowid"].to_pylist())
+    out = both.take(pa.array(order)).append_column("_relevance_score", pa.array(rel[order]))
+    out = out.append_column("fts_match", pa.array([r in fts_ids for r in rid[order].tolist()]))
+    return _with_similarity(out.drop(["_rowid"]), vector)
+
+
+def _with_similarity(r: pa.Table, vector: np.ndarray) -> pa.Table:
     if r.num_rows == 0:
-        return r.append_column("similarity", pa.array([], pa.float32())).append_column("fts_match", pa.array([], pa.bool_()))
+        return r.drop(["text_vector"]).append_column("similarity", pa.array([], pa.float32()))
     tv = np.stack(r["text_vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
     q = vector / (np.linalg.norm(vector) or 1.0)
     sim = tv @ q / np.maximum(np.linalg.norm(tv, axis=1), 1e-12)
-    score = r["_score"].to_numpy(zero_copy_only=False).astype(np.float64) if fts and "_score" in r.column_names \
-        else np.full(r.num_rows, np.nan)
-    match = pa.array(~np.isnan(score))
-    return r.drop(["text_vector"]).append_column("similarity", pa.array(sim.astype(np.float32))) \
-        .append_column("fts_match", match)
+    return r.drop(["text_vector"]).append_column("similarity", pa.array(sim.astype(np.float32)))
