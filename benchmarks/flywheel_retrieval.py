@@ -7,7 +7,9 @@ attribution and the tracks make, one query at a time from one thread:
 
 * vector-only (`PoolIndex.nearest`, k=10): q/s and recall@10 against exact neighbours (brute force
   in numpy over the same vectors);
-* hybrid (`PoolIndex.hybrid`: IVF_PQ + BM25, RRF) at k=10 and at attribution's search_k;
+* hybrid (`PoolIndex.hybrid`: IVF_PQ + BM25, RRF) at k=10 and at attribution's search_k, one query
+  at a time, and batched (`PoolIndex.hybrid_many`: one batched vector query + concurrent full-text
+  queries, `--batch` queries per call: how attribution's density sample runs);
 * the baseline in the same run: LanceDB exact search (flat scan) on a subset of the queries.
 
 The data: uniform random 768-d vectors have no neighbourhood structure (every point is about equally
@@ -110,6 +112,23 @@ def write_pool(db, mix: Mixture, n: int, size: int = 50_000) -> tuple:
     return tbl, np.concatenate(vecs), np.concatenate(clusters)
 
 
+def reused(db, n: int) -> tuple:
+    """The table an earlier run left in --dir and its text vectors (float16, row order = id order)."""
+    tbl = db.open_table(TABLE)
+    if tbl.count_rows() != n:
+        raise SystemExit(f"--reuse: {TABLE} has {tbl.count_rows():,} rows, not --n {n:,}")
+    if not {"text", "text_vector"} <= {i.columns[0] for i in tbl.list_indices()}:
+        raise SystemExit(f"--reuse: {TABLE} lacks its FTS / IVF_PQ index: run once without --reuse")
+    data, ids = [], []
+    for b in tbl.to_lance().to_batches(columns=["id", "text_vector"], batch_size=50_000):
+        data.append(np.asarray(b["text_vector"].flatten().to_numpy(), np.float16).reshape(b.num_rows, -1))
+        ids.append(np.array([int(x[1:]) for x in b["id"].to_pylist()]))
+    data, ids = np.concatenate(data), np.concatenate(ids)
+    out = np.empty_like(data)
+    out[ids] = data
+    return tbl, out
+
+
 def exact_top(data: np.ndarray, q: np.ndarray, k: int = 10) -> np.ndarray:
     """Brute-force top-k ids per query (float32 math over chunks of the half-precision data)."""
     sims = np.concatenate([q @ data[i:i + 100_000].astype(np.float32).T for i in range(0, len(data), 100_000)], 1)
@@ -138,6 +157,10 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="IndexConfig overrides, e.g. refine_factor=20 (default: the engine's defaults)")
     ap.add_argument("--dir", help="where to write the database (default: a temp dir, removed)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --dir: query the pool_index table and indices already there (written by an earlier "
+                         "run with the same --n / --dim) instead of writing and indexing again; no build time")
+    ap.add_argument("--batch", type=int, default=50, help="queries per PoolIndex.hybrid_many call")
     args = ap.parse_args()
     import lancedb
 
@@ -148,15 +171,23 @@ def main() -> None:
     db = lancedb.connect(str(root / "db"))
     mix = Mixture(args.n, args.dim)
     t0 = time.perf_counter()
-    tbl, data, _ = write_pool(db, mix, args.n)
-    print(f"wrote {args.n:,} rows x 2 vectors x {args.dim} d in {time.perf_counter() - t0:.1f}s", flush=True)
     p = index_params(args.n, args.dim, cfg)
-    t0, c0 = time.perf_counter(), cpu()
-    _maintain_indices(tbl, cfg, args.n, changed=True)
-    t_build, c_build = time.perf_counter() - t0, cpu() - c0
-    print(f"index build (FTS + IVF_PQ on 2 vector columns): {t_build:.1f}s wall, {c_build:.1f}s CPU; "
-          f"{p['num_partitions']} partitions, {p['num_sub_vectors']} sub-vectors, nprobes {cfg.nprobes}, "
-          f"refine {cfg.refine_factor}", flush=True)
+    if args.reuse:
+        if not args.dir:
+            ap.error("--reuse needs --dir")
+        tbl, data = reused(db, args.n)
+        t_build = c_build = float("nan")
+        print(f"REUSED the table and indices in {root / 'db'} (no write, no build; build time not measured): "
+              f"{', '.join(i.index_type + ' on ' + i.columns[0] for i in tbl.list_indices())}", flush=True)
+    else:
+        tbl, data, _ = write_pool(db, mix, args.n)
+        print(f"wrote {args.n:,} rows x 2 vectors x {args.dim} d in {time.perf_counter() - t0:.1f}s", flush=True)
+        t0, c0 = time.perf_counter(), cpu()
+        _maintain_indices(tbl, cfg, args.n, changed=True)
+        t_build, c_build = time.perf_counter() - t0, cpu() - c0
+        print(f"index build (FTS + IVF_PQ on 2 vector columns): {t_build:.1f}s wall, {c_build:.1f}s CPU; "
+              f"{p['num_partitions']} partitions, {p['num_sub_vectors']} sub-vectors", flush=True)
+    print(f"search: nprobes {cfg.nprobes}, refine {cfg.refine_factor}, query_threads {cfg.query_threads}", flush=True)
 
     rng = np.random.default_rng(2)
     qi = rng.integers(0, args.n, args.queries)
@@ -172,6 +203,12 @@ def main() -> None:
     _, h10_qps, h10_ms = timed(lambda i: idx.hybrid(qtext[i], qv[i], 10), len(qv))
     sk = AttributionConfig().search_k
     _, h50_qps, h50_ms = timed(lambda i: idx.hybrid(qtext[i], qv[i], sk), len(qv))
+    bs = max(1, args.batch)
+
+    def many(i):
+        return idx.hybrid_many(qtext[i:i + bs], qv[i:i + bs], sk) if i % bs == 0 else None
+
+    _, hb_qps, hb_ms = timed(many, len(qv))
     ne = min(args.exact_queries, len(qv))
 
     def flat(i):
@@ -185,9 +222,12 @@ def main() -> None:
     print(f"hybrid search (PoolIndex.hybrid, k=10): {h10_qps:.0f} q/s, {h10_ms:.1f} CPU ms/query")
     print(f"hybrid search (PoolIndex.hybrid, k={sk} = attribution.search_k): {h50_qps:.0f} q/s, "
           f"{h50_ms:.1f} CPU ms/query")
+    print(f"hybrid search batched (PoolIndex.hybrid_many, {bs} queries per call, k={sk}): {hb_qps:.0f} q/s, "
+          f"{hb_ms:.1f} CPU ms/query")
     print(f"exact search (LanceDB flat scan, {ne} queries): {ex_qps:.2f} q/s, {ex_ms:.0f} CPU ms/query, "
           f"recall@10 {recall(ex, truth):.3f}")
-    print(f"index build: {t_build:.1f}s wall, {c_build:.1f}s CPU; whole run {time.perf_counter() - t_all:.0f}s")
+    built = "not measured (--reuse)" if args.reuse else f"{t_build:.1f}s wall, {c_build:.1f}s CPU"
+    print(f"index build: {built}; whole run {time.perf_counter() - t_all:.0f}s")
     print(f"speed-up of IVF_PQ over exact search: {ann_qps / ex_qps:.1f}x")
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)

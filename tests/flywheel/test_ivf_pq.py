@@ -55,6 +55,20 @@ def test_ivf_pq_recall_and_merge_insert(tmp_path):
     recall = np.mean([len({int(x[1:]) for x in g} & set(t.tolist())) / 10 for g, t in zip(got, truth, strict=True)])
     assert recall >= 0.9, recall
 
+    # hybrid (IVF_PQ leg + BM25 leg, RRF): the batched call answers exactly what single calls do; the
+    # row whose caption names the query's word is an fts_match; a filter applies to both legs
+    texts = [f"planted vector r{i}" for i in (5, 17, 2999)]
+    single = [idx.hybrid(t, q, 10) for t, q in zip(texts, queries[:3], strict=True)]
+    many = idx.hybrid_many(texts, queries[:3], 10)
+    assert [m.to_pylist() for m in many] == [s.to_pylist() for s in single]
+    for t, h, q in zip(texts, single, queries[:3], strict=True):
+        assert h.num_rows == 10 and t.split()[-1] in h.filter(h["fts_match"])["id"].to_pylist(), h.to_pylist()
+        vec = h["id"].to_pylist()
+        assert np.allclose(h["similarity"].to_numpy(), data[[int(x[1:]) for x in vec]] @ q, atol=1e-5)
+        assert (np.diff(h["_relevance_score"].to_numpy()) <= 0).all()
+    odd = idx.hybrid(texts[0], queries[0], 10, where="id LIKE '%1'")
+    assert odd.num_rows == 10 and all(x.endswith("1") for x in odd["id"].to_pylist()), odd.to_pylist()
+
     # a row merged in after the build: searched flat beside the index, then folded in by optimize
     new = _unit(rng.normal(size=(1, DIM)))
     assert upsert(tbl, _rows(["added"], new), compare=("text_hash",), key="id") == 1
