@@ -100,8 +100,9 @@ def _shifts(dest: tuple[int, ...], inverse: bool) -> tuple[tuple[np.uint64, int,
     for b, q in enumerate(dest):
         src, dst = (q, b) if inverse else (b, q)
         by[dst - src] = by.get(dst - src, 0) | (((1 << BLOCK_BITS) - 1) << (BLOCK_BITS * src))
+    # The blocks that stay first: they go straight into the output, no shift, no or.
     return tuple((np.uint64(m), 1 if k >= 0 else -1, np.uint64(BLOCK_BITS * abs(k)))
-                 for k, m in sorted(by.items()))
+                 for k, m in sorted(by.items(), key=lambda km: (km[0] != 0, km[0])))
 
 
 def permute(h: np.ndarray, dest: tuple[int, ...], inverse: bool = False, out: np.ndarray | None = None
@@ -118,7 +119,8 @@ def permute(h: np.ndarray, dest: tuple[int, ...], inverse: bool = False, out: np
         for i, (mask, direction, shift) in enumerate(moves):
             np.bitwise_and(src, mask, out=dst if i == 0 else t)
             shifted = dst if i == 0 else t
-            (np.left_shift if direction > 0 else np.right_shift)(shifted, shift, out=shifted)
+            if shift:
+                (np.left_shift if direction > 0 else np.right_shift)(shifted, shift, out=shifted)
             if i:
                 np.bitwise_or(dst, t, out=dst)
     return out
@@ -185,22 +187,27 @@ def sorted_pairs(v: np.ndarray, key_bits: int, d: int, buf: np.ndarray | None = 
     if n < 2:
         return _EMPTY_U
     v.sort()
-    # same[q]: v[q] and v[q + 1] share the key (their xor is below the key's lowest bit). The
-    # padding False ends the last run; (q, q + k + 1) share the key iff (q, q + k) and (q + k,
-    # q + k + 1) do, so the positions left for the next k are one lookup away.
-    same = np.zeros(n, bool)
+    # same[q]: v[q] and v[q + 1] share the key (their xor is below the key's lowest bit). Adjacent
+    # pairs, nearly all the candidates, are checked on the whole chunk's xor (a few SIMD passes in
+    # cache): gathering candidates one by one costs more once random key collisions are common.
+    x = np.bitwise_xor(v[1:], v[:-1], out=None if buf is None else buf[: n - 1])
+    same = np.zeros(n, bool)  # the padding False ends the last run
     if key_bits:
-        x = np.bitwise_xor(v[1:], v[:-1], out=None if buf is None else buf[: n - 1])
         np.less(x, np.uint64(1 << (64 - key_bits)), out=same[:-1])
     else:
         same[:-1] = True
-    q, k, out_x, out_y = np.flatnonzero(same), 1, [_EMPTY_U[0]], [_EMPTY_U[1]]
+    ok = np.flatnonzero(same[:-1] & (np.bitwise_count(x) <= d))
+    if first is not None and len(ok):
+        ok = ok[first[_dirty_blocks(x[ok])]]
+    out_x, out_y = [v[ok]], [v[ok + 1]]
+    # Longer runs: (q, q + k + 1) share the key iff (q, q + k) and (q + k, q + k + 1) do.
+    q, k = np.flatnonzero(same[:-1] & same[1:]), 2
     while len(q):
         qk = q + k
-        x = v[q] ^ v[qk]
-        ok = np.flatnonzero(np.bitwise_count(x) <= d)
+        y = v[q] ^ v[qk]
+        ok = np.flatnonzero(np.bitwise_count(y) <= d)
         if first is not None and len(ok):
-            ok = ok[first[_dirty_blocks(x[ok])]]
+            ok = ok[first[_dirty_blocks(y[ok])]]
         out_x.append(v[q[ok]])
         out_y.append(v[qk[ok]])
         q, k = q[same[qk]], k + 1
