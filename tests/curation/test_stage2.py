@@ -99,6 +99,27 @@ def test_resume_after_partial_commit_loses_and_duplicates_nothing(scored, pairs_
     assert {k: r["reject_reason"] for k, r in _rows(part).items()} == {k: r["reject_reason"] for k, r in _rows(out).items()}
 
 
+def test_model_filters_run_on_an_actor_pool(ray_local, pairs_file, models, tmp_path):
+    """With a model loaded (here the tiny random CLIP: direction and the image-image cosine) the
+    work units go to an actor pool instead of tasks: same rows, CLIP scores where both images decode."""
+    _, path, want = pairs_file
+    cfg = load_pair_config(None, {"scoring.clip.model": models["clip_model"], "scoring.clip.weights": models["clip_weights"],
+                                  "scoring.clip.model_config": models["clip_config"], "batch_size": 8,
+                                  "thresholds.direction.min_similarity": -1.0, "thresholds.unrelated.min_clip": 1.1})
+    out = tmp_path / "clip.lance"
+    summary = run_pair_stage(str(path), str(out), cfg, ("source_nsfw", "target_nsfw", "instruction"), progress=False,
+                             report=False)
+    rows = {r["uri"].rsplit("#", 1)[1]: r for r in lance.dataset(str(out)).to_table(
+        columns=["uri", "error", "clip_cosine", "directional_similarity", "reject_reason", "source_caption"]).to_pylist()}
+    assert summary.rows == len(rows) == len(want)
+    for key, r in rows.items():
+        assert (r["clip_cosine"] is None) == (r["error"] is not None), key
+        if r["error"] is None and r["source_caption"] and "_noop_" not in key:
+            assert r["directional_similarity"] is not None, key
+        if want[key] in ("noop", "unrelated", "broken", "source_resolution", "pair_dedup"):
+            assert r["reject_reason"] == want[key], key
+
+
 def _scripted_server_module():
     """tests/captioning/conftest.py (the project's scripted OpenAI-compatible server), loaded under
     its own name: conftest modules of several test folders share the name ``conftest``."""
