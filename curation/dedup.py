@@ -6,18 +6,21 @@ exact (every pair within ``d`` is found), chosen per call by a cost model:
 * **Block covering** (large inputs): the hash is 16 blocks of 4 bits; two hashes within ``d``
   differ in at most ``d`` blocks, so they agree exactly on any key made of blocks outside those.
   A greedy covering family of ``s``-block keys (every set of ``d`` blocks misses at least one key)
-  turns the search into a few dozen exact-key groupings — each a packed ``(key, index)`` sort —
-  with keys ``4s`` bits wide, ``s`` chosen from ``n`` so that random key collisions (~n²/2^4s)
-  stay below ``n``: candidate work grows about linearly with ``n``.
+  turns the search into a few dozen exact-key groupings, keys ``4s`` bits wide, ``s`` chosen from
+  ``n`` so that random key collisions (~n²/2^4s) stay below ``n``. The work per hash does not grow
+  with n: keys sharing a 2-block prefix are served by one linear radix ordering of the hashes by
+  that prefix, after which each key's sort, neighbour scan and pair checks run chunk by chunk in
+  cache; a pair is kept only at the first key it shares, so each pair is mapped and merged once.
 * **Multi-index probing** (small inputs, large ``d``): ``m`` bands, every flip pattern of up to
   ``d // m`` bits probed in a per-band bucket table; cheap for small ``n``, but random band
   collisions grow as n²/2^(64/m).
 
 Candidates are verified with an exact popcount; verified pairs are merged into components as they
-arrive (``scipy.sparse.csgraph``), so a pair found by many keys costs no memory. Identical pHashes
-collapse first, so a flood of identical blank images costs one unique value. With ``distributed``
-the key groupings run as a Ray Data shuffle (keys hash-partitioned through ``groupby``), for inputs
-whose per-key work does not fit one node; components are merged in the driver.
+arrive (``scipy.sparse.csgraph``). Identical pHashes collapse first, so a flood of identical blank
+images costs one unique value; exact (content-hash) duplicates join as edges among those values.
+With ``distributed`` the key groupings run as a Ray Data shuffle (keys hash-partitioned through
+``groupby``), for inputs whose per-key work does not fit one node; components are merged in the
+driver.
 """
 
 from __future__ import annotations
