@@ -276,13 +276,13 @@ class PoolIndex:
         nearest = {"column": column, "q": np.asarray(q, np.float32), "k": k, "metric": "cosine"}
         if column in self.indexed:
             nearest |= {"nprobes": self.cfg.nprobes, "refine_factor": self.cfg.refine_factor}
-        return self.ds.to_table(columns=columns, nearest=nearest, filter=where, prefilter=bool(where),
-                                with_row_id=True)
+        return self.ds.to_table(columns=[*columns, "_distance"], nearest=nearest, filter=where,
+                                prefilter=bool(where), with_row_id=True)
 
     def _text(self, text: str, k: int, where: str | None, columns: list[str]) -> pa.Table:
         """Top-k by BM25 on the caption text (LanceDB's native FTS index); adds `_score`."""
-        return self.ds.to_table(columns=columns, full_text_query={"query": _fts_query(text), "columns": ["text"]},
-                                filter=where, prefilter=bool(where), limit=k, with_row_id=True)
+        return self.ds.to_table(columns=[*columns, "_score"], filter=where, prefilter=bool(where), limit=k,
+                                full_text_query={"query": _fts_query(text), "columns": ["text"]}, with_row_id=True)
 
     def hybrid(self, text: str, vector: np.ndarray, k: int, where: str | None = None) -> pa.Table:
         """Top-k by RRF of cosine on caption embeddings and BM25 on caption text; adds
