@@ -15,7 +15,7 @@ from pathlib import Path
 import lance
 import pytest
 import yaml
-from conftest import SERVED, TINY_PROMPTS, synthetic_image
+from conftest import SERVED, TINY_PROMPTS, shared_vllm_server, synthetic_image, vllm_available
 
 from captioning.prompts import PromptSet
 from captioning.routing import caption_types
@@ -30,7 +30,10 @@ TINY = PromptSet.load(TINY_PROMPTS["prompt_root"], "tiny")
 @pytest.fixture(scope="module")
 def curated(tmp_path_factory, tiny_vlm) -> str:
     """A dozen images through stage 1 (clip, nsfw skipped): one exact duplicate and one image below
-    the minimum resolution are rejected, the rest kept."""
+    the minimum resolution are rejected, the rest kept. The session's vLLM server boots meanwhile
+    (each is mostly one process: together they use both cores)."""
+    if vllm_available() is None:
+        shared_vllm_server(tmp_path_factory.getbasetemp(), SERVED, wait=False)
     base = tmp_path_factory.mktemp("stage1")
     images = base / "images"
     images.mkdir()
