@@ -100,6 +100,8 @@ def test_engine_mode_captions_through_ray_data_llm_and_resumes(tiny_vlm, tmp_pat
     its engine: ~3 min on 2 cores."""
     import ray
 
+    from captioning.engine import RUNTIME_ENV
+
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     keep = [i not in (3, 9) for i in range(14)]
@@ -107,6 +109,9 @@ def test_engine_mode_captions_through_ray_data_llm_and_resumes(tiny_vlm, tmp_pat
     cfg = load_config(input=str(tmp_path / "c.lance"), output=str(tmp_path / "o.lance"), model=str(tiny_vlm),
                       engine_cpu=True, max_attempts=1, max_tokens=160, route_max_tokens=96, max_model_len=2048,
                       engine_batch_size=16, ray_num_cpus=8, progress=False, **TINY_PROMPTS)
+    # The job's own local Ray (run_engine joins a running one), minus the dashboard: its nine module
+    # processes cost ~11 s of CPU at start on 2 cores and nothing here reads them.
+    ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False, runtime_env=RUNTIME_ENV, ignore_reinit_error=True)
     try:
         first = run(cfg)
         rows = lance.dataset(tmp_path / "o.lance").to_table().to_pylist()

@@ -4,6 +4,7 @@ jobs/encode_latents.py builds from them (with SeFi semantic channels, so every t
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,10 @@ import pyarrow as pa
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Ray Train's controller polls its worker group every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, passed
+# on from the driver): every fit() here waited up to that long to see a failure and the end of each
+# attempt. The same poll, every 0.2 s.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 import tiny  # noqa: E402
 
