@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--exact-queries", type=int, default=10, help="queries for the flat-scan baseline")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="IndexConfig overrides, e.g. refine_factor=20 (default: the engine's defaults)")
+                    help="IndexConfig overrides, e.g. refine_candidates=100 (default: the engine's defaults)")
     ap.add_argument("--dir", help="where to write the database (default: a temp dir, removed)")
     ap.add_argument("--reuse", action="store_true",
                     help="with --dir: query the pool_index table and indices already there (written by an earlier "
@@ -187,7 +187,7 @@ def main() -> None:
         t_build, c_build = time.perf_counter() - t0, cpu() - c0
         print(f"index build (FTS + IVF_PQ on 2 vector columns): {t_build:.1f}s wall, {c_build:.1f}s CPU; "
               f"{p['num_partitions']} partitions, {p['num_sub_vectors']} sub-vectors", flush=True)
-    print(f"search: nprobes {cfg.nprobes}, refine {cfg.refine_factor}, query_threads {cfg.query_threads}", flush=True)
+    print(f"search: nprobes {cfg.nprobes}, refine_candidates {cfg.refine_candidates}, query_threads {cfg.query_threads}", flush=True)
 
     rng = np.random.default_rng(2)
     qi = rng.integers(0, args.n, args.queries)

@@ -272,16 +272,17 @@ class PoolIndex:
 
     def _vectors(self, q: np.ndarray, k: int, column: str, where: str | None, columns: list[str]) -> pa.Table:
         """Top-k by cosine for one vector (1-d) or a batch (2-d: adds `query_index`); `_distance` is
-        the exact cosine distance once refined (IVF_PQ) or searched flat."""
+        the exact cosine distance: IVF_PQ candidates are re-ranked from the stored vectors
+        (``refine_candidates`` of them, at least k), or the search is flat."""
         nearest = {"column": column, "q": np.asarray(q, np.float32), "k": k, "metric": "cosine"}
         if column in self.indexed:
-            nearest |= {"nprobes": self.cfg.nprobes, "refine_factor": self.cfg.refine_factor}
+            nearest |= {"nprobes": self.cfg.nprobes, "refine_factor": max(1, -(-self.cfg.refine_candidates // k))}
         return self.ds.to_table(columns=[*columns, "_distance"], nearest=nearest, filter=where,
                                 prefilter=bool(where), with_row_id=True)
 
-    def _text(self, text: str, k: int, where: str | None, columns: list[str]) -> pa.Table:
-        """Top-k by BM25 on the caption text (LanceDB's native FTS index); adds `_score`."""
-        return self.ds.to_table(columns=[*columns, "_score"], filter=where, prefilter=bool(where), limit=k,
+    def _text(self, text: str, k: int, where: str | None) -> pa.Table:
+        """Row ids of the top-k by BM25 on the caption text (LanceDB's native FTS index), `_score`."""
+        return self.ds.to_table(columns=["_score"], filter=where, prefilter=bool(where), limit=k,
                                 full_text_query={"query": _fts_query(text), "columns": ["text"]}, with_row_id=True)
 
     def hybrid(self, text: str, vector: np.ndarray, k: int, where: str | None = None) -> pa.Table:
@@ -291,18 +292,41 @@ class PoolIndex:
 
     def hybrid_many(self, texts: list[str], vectors: np.ndarray, k: int, where: str | None = None) -> list[pa.Table]:
         """:meth:`hybrid` for a batch of queries: the vector leg is one batched Lance query, the
-        full-text legs run concurrently (Lance releases the GIL)."""
+        full-text legs run concurrently (Lance releases the GIL). Both legs return row ids and
+        scores only; the fused top-k rows are read once (one `take` for the whole batch), and the
+        stored vector only for rows the text leg alone found (the vector leg's distance is exact)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        cols = [*ROW_COLUMNS, "text_vector"]
         vectors = np.asarray(vectors, np.float32).reshape(len(texts), -1)
-        vec = self._vectors(vectors, k, "text_vector", where, cols) if len(texts) > 1 else \
-            _with_query_index(self._vectors(vectors[0], k, "text_vector", where, cols), 0)
+        vec = self._vectors(vectors, k, "text_vector", where, []) if len(texts) > 1 else \
+            _with_query_index(self._vectors(vectors[0], k, "text_vector", where, []), 0)
         with ThreadPoolExecutor(max(1, min(len(texts), self.cfg.query_threads))) as ex:
-            fts = list(ex.map(lambda t: self._text(t, k, where, cols), texts))
-        qi = vec["query_index"].to_numpy()
-        return [_rrf(vec.filter(pa.array(qi == j)).drop(["query_index"]), f, vectors[j], k)
-                for j, f in enumerate(fts)]
+            fts = list(ex.map(lambda t: self._text(t, k, where), texts))
+        qi, vrid, dist = (vec[c].to_numpy() for c in ("query_index", "_rowid", "_distance"))
+        fused = [_rrf(vrid[qi == j], 1.0 - dist[qi == j], f["_rowid"].to_numpy(), k) for j, f in enumerate(fts)]
+        need = np.unique(np.concatenate([f[0] for f in fused] + [np.zeros(0, np.uint64)])).astype(np.uint64)
+        unseen = np.unique(np.concatenate([f[0][np.isnan(f[1])] for f in fused] + [np.zeros(0, np.uint64)]))
+        rows = self.ds._take_rows(need.tolist(), columns=[*ROW_COLUMNS]) if len(need) else None
+        tv = self.ds._take_rows(unseen.astype(np.uint64).tolist(), columns=["text_vector"]) if len(unseen) else None
+        tv = np.stack(tv["text_vector"].to_numpy(zero_copy_only=False)).astype(np.float32) if tv else None
+        out = []
+        for j, (rid, sim, rel, matched) in enumerate(fused):
+            if len(rid) == 0:
+                out.append(pa.table({c: pa.array([], self.ds.schema.field(c).type) for c in ROW_COLUMNS})
+                           .append_column("_relevance_score", pa.array([], pa.float32()))
+                           .append_column("fts_match", pa.array([], pa.bool_()))
+                           .append_column("similarity", pa.array([], pa.float32())))
+                continue
+            miss = np.isnan(sim)
+            if miss.any():  # found by the text leg only: exact cosine from the stored vector
+                v = tv[np.searchsorted(unseen, rid[miss])]
+                q = vectors[j] / (np.linalg.norm(vectors[j]) or 1.0)
+                sim[miss] = v @ q / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
+            r = rows.take(pa.array(np.searchsorted(need, rid)))
+            out.append(r.append_column("_relevance_score", pa.array(rel, pa.float32()))
+                       .append_column("fts_match", pa.array(matched))
+                       .append_column("similarity", pa.array(sim.astype(np.float32))))
+        return out
 
     def nearest(self, vector: np.ndarray, k: int, column: str = "text_vector", where: str | None = None,
                 columns: tuple[str, ...] = ROW_COLUMNS) -> pa.Table:
@@ -338,32 +362,19 @@ def _with_query_index(t: pa.Table, j: int) -> pa.Table:
     return t.add_column(0, "query_index", pa.array(np.full(t.num_rows, j, np.int32)))
 
 
-def _rrf(vec: pa.Table, fts: pa.Table, vector: np.ndarray, k: int, K: int = 60) -> pa.Table:
+def _rrf(vec_ids: np.ndarray, vec_sim: np.ndarray, fts_ids: np.ndarray, k: int, K: int = 60) -> tuple:
     """Reciprocal-rank fusion of one query's two legs (the formula of LanceDB's RRFReranker,
-    score = sum of 1 / (K + rank)); a row in both legs once. Adds `_relevance_score`, `similarity`
-    (exact cosine of the caption embedding to the query) and `fts_match` (found by the text leg)."""
+    score = sum of 1 / (K + rank)); a row in both legs once, ties broken by row id (deterministic).
+    Returns the top-k (row ids, cosine similarity from the vector leg or NaN, RRF score, found by the
+    text leg)."""
     score: dict[int, float] = {}
-    for leg in (vec, fts):
-        for rank, rid in enumerate(leg["_rowid"].to_pylist(), 1):
-            score[rid] = score.get(rid, 0.0) + 1.0 / (K + rank)
-    cols = [*ROW_COLUMNS, "text_vector", "_rowid"]
-    both = pa.concat_tables([vec.select(cols), fts.select(cols)])
-    rid = both["_rowid"].to_numpy()
-    _, first = np.unique(rid, return_index=True)
-    both = both.take(pa.array(np.sort(first)))
-    rid = both["_rowid"].to_numpy()
-    rel = np.array([score[r] for r in rid.tolist()], np.float32)
-    order = np.lexsort((rid, -rel))[:k]  # ties broken by row id: deterministic
-    fts_ids = set(fts["_rowid"].to_pylist())
-    out = both.take(pa.array(order)).append_column("_relevance_score", pa.array(rel[order]))
-    out = out.append_column("fts_match", pa.array([r in fts_ids for r in rid[order].tolist()]))
-    return _with_similarity(out.drop(["_rowid"]), vector)
-
-
-def _with_similarity(r: pa.Table, vector: np.ndarray) -> pa.Table:
-    if r.num_rows == 0:
-        return r.drop(["text_vector"]).append_column("similarity", pa.array([], pa.float32()))
-    tv = np.stack(r["text_vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
-    q = vector / (np.linalg.norm(vector) or 1.0)
-    sim = tv @ q / np.maximum(np.linalg.norm(tv, axis=1), 1e-12)
-    return r.drop(["text_vector"]).append_column("similarity", pa.array(sim.astype(np.float32)))
+    sim: dict[int, float] = {}
+    for rank, (rid, s) in enumerate(zip(vec_ids.tolist(), vec_sim.tolist(), strict=True), 1):
+        score[rid] = score.get(rid, 0.0) + 1.0 / (K + rank)
+        sim[rid] = s
+    for rank, rid in enumerate(fts_ids.tolist(), 1):
+        score[rid] = score.get(rid, 0.0) + 1.0 / (K + rank)
+    top = sorted(score, key=lambda r: (-score[r], r))[:k]
+    fts = set(fts_ids.tolist())
+    return (np.array(top, np.uint64), np.array([sim.get(r, np.nan) for r in top], np.float64),
+            np.array([score[r] for r in top], np.float32), np.array([r in fts for r in top], bool))

@@ -39,7 +39,7 @@ def test_ivf_pq_recall_and_merge_insert(tmp_path):
     low_rank = rng.normal(size=(8, DIM)).astype(np.float32) / np.sqrt(DIM)  # clustered, anisotropic
     data = _unit(centres[rng.integers(0, CLUSTERS, N)] + rng.normal(size=(N, 8)).astype(np.float32) @ low_rank * 2
                  + rng.normal(scale=0.05, size=(N, DIM)))
-    cfg = IndexConfig(ivf_min_rows=1000, rows_per_partition=500, sub_vector_dim=8, nprobes=4, refine_factor=10)
+    cfg = IndexConfig(ivf_min_rows=1000, rows_per_partition=500, sub_vector_dim=8, nprobes=4, refine_candidates=100)
     db = connect(str(tmp_path / "fw.lancedb"))
     tbl = open_table(db, TABLE, pool_index_schema(DIM))
     upsert(tbl, _rows([f"r{i}" for i in range(N)], data), compare=("text_hash",), key="id")
