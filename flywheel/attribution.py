@@ -48,7 +48,10 @@ class Density:
 
 
 def density(idx: PoolIndex, prompt: str, vec: np.ndarray, cfg: FlywheelConfig, exclude: str | None = None) -> Density:
-    hits = idx.hybrid(prompt, vec, cfg.attribution.search_k)
+    return _density(idx.hybrid(prompt, vec, cfg.attribution.search_k), cfg, exclude)
+
+
+def _density(hits: pa.Table, cfg: FlywheelConfig, exclude: str | None) -> Density:
     if exclude is not None:
         hits = hits.filter(pa.compute.not_equal(hits["id"], exclude))
     rel = hits["fts_match"].to_numpy(zero_copy_only=False) | \
@@ -65,7 +68,8 @@ def typical_density(idx: PoolIndex, emb: TextEmbedder, cfg: FlywheelConfig) -> f
     if not ids:
         return 0.0
     vecs = emb.embed(texts)
-    return float(np.median([density(idx, x, v, cfg, exclude=i).count for i, x, v in zip(ids, texts, vecs, strict=True)]))
+    hits = idx.hybrid_many(texts, vecs, cfg.attribution.search_k)  # one batched vector query for the sample
+    return float(np.median([_density(h, cfg, exclude=i).count for i, h in zip(ids, hits, strict=True)]))
 
 
 def prompt_rules(prompt: str, cfg: FlywheelConfig) -> list[str]:
