@@ -43,7 +43,10 @@ class Cluster:
         self.env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_DEDUP_LOGS="0",
                         RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
                         # The dashboard gets 60 s to start (its modules 30 s); a loaded machine needs more.
-                        RAY_DASHBOARD_STARTUP_TIMEOUT_S="300", RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT="240")
+                        RAY_DASHBOARD_STARTUP_TIMEOUT_S="300", RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT="240",
+                        # Ray Train's controller polls its workers every 2 s by default (a kill, the end
+                        # of a run are seen up to 2 s late); jobs inherit the nodes' environment.
+                        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
         self.env.pop("RAY_ADDRESS", None)
 
     def _node_args(self, name: str, worker_base: int) -> list[str]:
