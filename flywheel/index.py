@@ -300,8 +300,11 @@ class PoolIndex:
         vectors = np.asarray(vectors, np.float32).reshape(len(texts), -1)
         vec = self._vectors(vectors, k, "text_vector", where, []) if len(texts) > 1 else \
             _with_query_index(self._vectors(vectors[0], k, "text_vector", where, []), 0)
-        with ThreadPoolExecutor(max(1, min(len(texts), self.cfg.query_threads))) as ex:
-            fts = list(ex.map(lambda t: self._text(t, k, where), texts))
+        if len(texts) == 1:  # one query: no thread pool to start
+            fts = [self._text(texts[0], k, where)]
+        else:
+            with ThreadPoolExecutor(max(1, min(len(texts), self.cfg.query_threads))) as ex:
+                fts = list(ex.map(lambda t: self._text(t, k, where), texts))
         qi, vrid, dist = (vec[c].to_numpy() for c in ("query_index", "_rowid", "_distance"))
         fused = [_rrf(vrid[qi == j], 1.0 - dist[qi == j], f["_rowid"].to_numpy(), k) for j, f in enumerate(fts)]
         need = np.unique(np.concatenate([f[0] for f in fused] + [np.zeros(0, np.uint64)])).astype(np.uint64)
