@@ -230,17 +230,8 @@ def build_items(source: Source, done: pa.Array | None, batch_rows: int, parallel
         return ray.data.from_arrow(blocks), items.num_rows
     units = ray.data.from_items([{"unit": u} for u in source.units], override_num_blocks=len(source.units))
     done_ref = ray.put(done) if done is not None and len(done) else None
-    items = units.map_batches(_expand, batch_size=1, fn_kwargs={"source": source, "done_ref": done_ref,
-                                                                 "batch_rows": batch_rows})
-    return split_blocks(items, batch_rows), None
-
-
-def split_blocks(items, batch_rows: int):
-    """Blocks of at most ``batch_rows`` items. Without this a read task's output is merged into
-    blocks of up to 128 MB and fused with the scoring map, so one shard, Parquet file or parent
-    fragment is scored by one task on one core (measured: one process for a 320-row shard); the
-    streaming repartition ends the fusion and lets every core (or actor) take a batch."""
-    return items.repartition(target_num_rows_per_block=batch_rows)
+    return units.map_batches(_expand, batch_size=1, fn_kwargs={"source": source, "done_ref": done_ref,
+                                                                "batch_rows": batch_rows}), None
 
 
 def _parent_of_output(output: str, storage_options: dict | None) -> tuple[str, int] | None:
@@ -380,7 +371,7 @@ def build_parent_items(parent: Parent, extra: tuple[str, ...], done: pa.Array | 
                 if rows.num_rows:
                     yield rows
 
-    return split_blocks(units.map_batches(expand, batch_size=1), batch_rows)
+    return units.map_batches(expand, batch_size=1)
 
 
 def rethreshold(output: str, cfg: StageConfig, report: bool = True,
