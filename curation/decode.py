@@ -106,10 +106,10 @@ def _full_scale_luma(data: bytes, side: int) -> np.ndarray:
     im = Image.open(io.BytesIO(data))
     im.draft("L", im.size)  # a no-op for CMYK files: converted below
     im.load()
-    return np.asarray(_to_grey(_centre_crop(im, side)))
+    return np.asarray(to_grey(_centre_crop(im, side)))
 
 
-def _to_grey(im: Image.Image) -> Image.Image:
+def to_grey(im: Image.Image) -> Image.Image:
     """8-bit luma (ITU-R 601, JPEG's own Y) of any Pillow mode, transparency over white as in _to_rgb."""
     return im if im.mode == "L" else _to_rgb(im).convert("L")
 
@@ -166,7 +166,7 @@ def decode(data: bytes, working_size: int, max_pixels: int, grid_crop: int = 0, 
                     im.draft(mode, (max(1, int(w * scale)), max(1, int(h * scale))) if scale < 1 else (w, h))
             im.load()
             drafted = im.size != (w, h)
-            im = _to_grey(im) if grey else _to_rgb(im)
+            im = to_grey(im) if grey else _to_rgb(im)
             if orientation != 1:
                 im = im.transpose(_EXIF_TRANSPOSE[orientation])
             grid = None
@@ -180,7 +180,7 @@ def decode(data: bytes, working_size: int, max_pixels: int, grid_crop: int = 0, 
                 if factor == 2:
                     im = Image.fromarray(_reduce2(a))
             if grid_crop > 0 and grid is None:  # the grid's phase is searched per axis: orientation is moot
-                grid = _full_scale_luma(data, grid_crop) if drafted else np.asarray(_to_grey(_centre_crop(im, grid_crop)))
+                grid = _full_scale_luma(data, grid_crop) if drafted else np.asarray(to_grey(_centre_crop(im, grid_crop)))
             if factor >= 2 and not (grey and factor == 2):
                 im = im.reduce(factor)
         if orientation in _TRANSPOSED_ORIENTATIONS:

@@ -24,6 +24,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from .decode import to_grey
+
 # Defaults of the stage-4 rules (calibration: benchmarks/calibrate_stage4.py, curation/QUALITY.md).
 DEFAULT_MAX_BRISQUE = 57.0
 """Reject when the BRISQUE score (0 best .. ~100 worst, at the analysis size) is above this."""
@@ -252,7 +254,7 @@ def analysis_grey(img: Image.Image, size: int = BRISQUE_ANALYSIS_SIZE) -> np.nda
     # Pillow's "L" of other formats — so a stage scores the same whether it decoded RGB or grey.
     # Grey first, then resize: one channel to resample instead of three (a fractional INTER_AREA
     # on 8-bit RGB costs ~4x more), in float32 (no 8-bit rounding of the resized pixels).
-    grey = np.asarray(img if img.mode == "L" else img.convert("RGB").convert("L"), np.float32) * np.float32(1 / 255)
+    grey = np.asarray(to_grey(img), np.float32) * np.float32(1 / 255)
     h, w = grey.shape
     s = size / min(h, w)
     if s < 1.0:

@@ -298,11 +298,11 @@ class PoolIndex:
         from concurrent.futures import ThreadPoolExecutor
 
         vectors = np.asarray(vectors, np.float32).reshape(len(texts), -1)
-        vec = self._vectors(vectors, k, "text_vector", where, []) if len(texts) > 1 else \
-            _with_query_index(self._vectors(vectors[0], k, "text_vector", where, []), 0)
-        if len(texts) == 1:  # one query: no thread pool to start
+        if len(texts) == 1:  # one query: a 1-d vector query, no thread pool to start
+            vec = _with_query_index(self._vectors(vectors[0], k, "text_vector", where, []), 0)
             fts = [self._text(texts[0], k, where)]
         else:
+            vec = self._vectors(vectors, k, "text_vector", where, [])
             with ThreadPoolExecutor(max(1, min(len(texts), self.cfg.query_threads))) as ex:
                 fts = list(ex.map(lambda t: self._text(t, k, where), texts))
         qi, vrid, dist = (vec[c].to_numpy() for c in ("query_index", "_rowid", "_distance"))
