@@ -22,6 +22,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from numba import njit
 from PIL import Image
 
 from .decode import to_grey
@@ -151,17 +152,64 @@ def _gauss_kernel_1d(n: int = 7, sigma: float = 7 / 6) -> np.ndarray:
 _KERNEL_1D = _gauss_kernel_1d()
 
 
-def _mscn(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MSCN coefficients and the local standard deviation they were divided by (float32)."""
-    # Zero border == scipy.signal.convolve2d(..., "same"), the package's convolution. float32 is
-    # enough: features agree with the package's float64 ones to ~1e-5 (test_quality.py). In-place
-    # ufuncs: each temporary of a 512 px image is a pass over 1 MB, and they are most of the cost.
-    g = np.ascontiguousarray(grey, np.float32)
-    mu = cv2.sepFilter2D(g, cv2.CV_32F, _KERNEL_1D, _KERNEL_1D, borderType=cv2.BORDER_CONSTANT)
-    sd = cv2.sepFilter2D(cv2.multiply(g, g), cv2.CV_32F, _KERNEL_1D, _KERNEL_1D, borderType=cv2.BORDER_CONSTANT)
-    np.sqrt(np.abs(np.subtract(sd, cv2.multiply(mu, mu), out=sd), out=sd), out=sd)  # sqrt|E[x^2] - mu^2|
-    m = np.subtract(g, mu, out=mu)
-    return np.divide(m, sd + np.float32(_C), out=m), sd
+# MSCN coefficients and the AGGD moments of the five distributions BRISQUE fits (the coefficients
+# and their products with the right, lower, lower-right and lower-left neighbour) in two compiled
+# passes over the image, where numpy needed ~25 (each temporary of a 512 px image is a pass over
+# 1 MB: they were most of the cost). numba caches the machine code next to this file.
+@njit(cache=True, nogil=True)
+def _mscn_mask(g, mu, e2, activity, c):
+    """MSCN coefficients (float32, exactly numpy's float32 arithmetic) and the pixels the fits use
+    (activity <= 0: all; else local std > activity, 3-pixel frame out), zero elsewhere."""
+    h, w = g.shape
+    m, k = np.empty((h, w), np.float32), np.empty((h, w), np.uint8)
+    floor = activity if activity > 0 else np.float32(-1.0)
+    for y in range(h):
+        for x in range(w):  # branch-free: the loop vectorises
+            sd = np.sqrt(np.abs(e2[y, x] - mu[y, x] * mu[y, x]))
+            ok = sd > floor
+            k[y, x] = ok
+            m[y, x] = (g[y, x] - mu[y, x]) / (sd + c) * np.float32(ok)
+    if activity > 0:  # the frame: zero padding fakes contrast there
+        k[:3], k[-3:], k[:, :3], k[:, -3:] = 0, 0, 0, 0
+        m[:3], m[-3:], m[:, :3], m[:, -3:] = 0, 0, 0, 0
+    return m, k
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})  # reassoc: vectorised sums
+def _pair_moments(st, a, b, ka, kb):
+    """Adds to ``st`` the moments of a * b over the pairs where ka and kb are set: count, negative
+    count, sum of squares of the negatives, sum of squares, sum of |.| (float64 sums)."""
+    n, neg, sq_neg, sq, ab = 0, 0, 0.0, 0.0, 0.0
+    for i in range(a.size):
+        v = np.float64(a[i] * b[i])  # the float32 product, as numpy's
+        q = min(v, 0.0)
+        n += ka[i] & kb[i]
+        neg += v < 0
+        sq_neg += q * q
+        sq += v * v
+        ab += abs(v)
+    st[0] += n
+    st[1] += neg
+    st[2] += sq_neg
+    st[3] += sq
+    st[4] += ab
+
+
+@njit(cache=True, nogil=True)
+def _moments(m, k):
+    """(5, 5) moments (see _pair_moments) of m (masked-out pixels are 0 in m and k), then of its
+    products with the right, lower, lower-right and lower-left neighbour."""
+    h, w = m.shape
+    st = np.zeros((5, 5))
+    one = np.ones(w, np.float32)
+    for y in range(h):
+        _pair_moments(st[0], m[y], one, k[y], k[y])
+        _pair_moments(st[1], m[y, :-1], m[y, 1:], k[y, :-1], k[y, 1:])
+        if y + 1 < h:
+            _pair_moments(st[2], m[y], m[y + 1], k[y], k[y + 1])
+            _pair_moments(st[3], m[y, :-1], m[y + 1, 1:], k[y, :-1], k[y + 1, 1:])
+            _pair_moments(st[4], m[y, 1:], m[y + 1, :-1], k[y, 1:], k[y + 1, :-1])
+    return st
 
 
 # phi(alpha) = Gamma(2/a)^2 / (Gamma(1/a) Gamma(3/a)) is increasing in alpha: invert it by
@@ -176,73 +224,48 @@ def _phi_table() -> np.ndarray:
     return np.exp(2 * gammaln(2 / _ALPHA) - gammaln(1 / _ALPHA) - gammaln(3 / _ALPHA))
 
 
-def _aggd(x: np.ndarray, n: int | None = None, buf: np.ndarray | None = None) -> tuple[float, float, float, float]:
-    """Asymmetric generalised Gaussian fit by moment matching: (alpha, mean, sigma_l, sigma_r) of
-    the values of ``x``; with ``n``, ``x`` holds ``n`` values and zeros standing for masked-out ones
-    (a zero adds nothing to any sum; only the counts need ``n``). ``buf``: scratch of x's size."""
+def _aggd(st: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric generalised Gaussian fits by moment matching, one per row of ``st`` (the moments
+    of _moments): (alpha, mean, sigma_l, sigma_r) arrays."""
     from scipy.special import gammaln
 
-    x = x.ravel()
-    n = x.size if n is None else n
-    # Sums and dot products instead of boolean indexing: no copies (x's negative part is the one
-    # float temporary); cv2's sums are double-accumulated and ~5x cheaper than numpy's pairwise ones.
-    xn = np.minimum(x, np.float32(0.0), out=None if buf is None else buf[:x.size])
-    n_neg = cv2.countNonZero(xn)
-    sq_left, sq_all = float(xn @ xn), float(x @ x)
-    left = sq_left / max(n_neg, 1)
-    right = (sq_all - sq_left) / max(n - n_neg, 1)
-    gamma = np.sqrt(left) / np.sqrt(right) if right > 0 else np.inf
-    abs_sum = cv2.sumElems(x)[0] - 2.0 * cv2.sumElems(xn)[0]  # sum |x|
-    r_hat = (abs_sum / n) ** 2 / (sq_all / n)
+    n, neg, sq_neg, sq, ab = st.T
+    left = sq_neg / np.maximum(neg, 1)
+    right = (sq - sq_neg) / np.maximum(n - neg, 1)
+    with np.errstate(divide="ignore"):
+        gamma = np.where(right > 0, np.sqrt(left) / np.sqrt(right), np.inf)
+    r_hat = (ab / n) ** 2 / (sq / n)
     big_r = r_hat * (gamma ** 3 + 1) * (gamma + 1) / (gamma ** 2 + 1) ** 2
-    alpha = float(np.interp(big_r, _phi_table(), _ALPHA))
+    alpha = np.interp(big_r, _phi_table(), _ALPHA)
     const = np.exp(0.5 * (gammaln(1 / alpha) - gammaln(3 / alpha)))
     sl, sr = np.sqrt(left), np.sqrt(right)
-    mean = (sr - sl) * const * np.exp(gammaln(2 / alpha) - gammaln(1 / alpha))
-    return alpha, float(mean), float(sl), float(sr)
+    return alpha, (sr - sl) * const * np.exp(gammaln(2 / alpha) - gammaln(1 / alpha)), sl, sr
 
 
 BRISQUE_MIN_ACTIVITY = 0.01
 """Local standard deviation (grey, 0..1) below which a pixel is flat and left out of the fits."""
 _MIN_ACTIVE_FRACTION = 0.01  # fewer active pixels than this: no texture to judge, score is None
 
-# The four neighbour directions of the pairwise products, as (slice of a, slice of b) with a * b.
-_PAIRS = ((np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1, :], np.s_[1:, :]),
-          (np.s_[:-1, :-1], np.s_[1:, 1:]), (np.s_[1:, :-1], np.s_[:-1, 1:]))
-
 
 def _scale_features(grey: np.ndarray, activity: float) -> list[float] | None:
-    m, sd = _mscn(grey)
-    if activity <= 0:  # every pixel: exactly the package's features
-        alpha, _, sl, sr = _aggd(m)
-        feats = [alpha, (sl ** 2 + sr ** 2) / 2]
-        for a, b in _PAIRS:
-            alpha, mean, sl, sr = _aggd(m[a] * m[b])
-            feats += [alpha, mean, sl ** 2, sr ** 2]
-        return feats
-    # Only where there is local structure: flat areas (a bokeh background, the fills of a drawing,
-    # a gradient) give MSCN ~ rounding noise / C, which the SVR reads as distortion. The 3-pixel
-    # frame is out too: zero padding fakes contrast there. Masked-out pixels are zeroed (a product
-    # with a zero is zero) and the fits get the counts of what is left.
-    mask = sd > activity
-    mask[:3], mask[-3:], mask[:, :3], mask[:, -3:] = False, False, False, False
-    count = int(np.count_nonzero(mask))
-    if count < _MIN_ACTIVE_FRACTION * mask.size:
+    # Zero border == scipy.signal.convolve2d(..., "same"), the package's convolution. float32 is
+    # enough: features agree with the package's float64 ones to ~1e-5 (test_quality.py).
+    g = np.ascontiguousarray(grey, np.float32)
+    mu = cv2.sepFilter2D(g, cv2.CV_32F, _KERNEL_1D, _KERNEL_1D, borderType=cv2.BORDER_CONSTANT)
+    e2 = cv2.sepFilter2D(cv2.multiply(g, g), cv2.CV_32F, _KERNEL_1D, _KERNEL_1D, borderType=cv2.BORDER_CONSTANT)
+    # activity > 0: only where there is local structure. Flat areas (a bokeh background, the fills
+    # of a drawing, a gradient) give MSCN ~ rounding noise / C, which the SVR reads as distortion.
+    # The 3-pixel frame is out too: zero padding fakes contrast there. activity <= 0: every pixel,
+    # exactly the package's features.
+    m, k = _mscn_mask(g, mu, e2, np.float32(activity), np.float32(_C))
+    st = _moments(m, k)
+    if activity > 0 and st[0, 0] < _MIN_ACTIVE_FRACTION * k.size:
         return None
-    np.multiply(m, mask, out=m)
-    # With the frame zeroed, each neighbour direction is one product of the flat image with itself
-    # shifted by 1, w, w+1 or w-1: contiguous 1-D passes instead of strided 2-D slices; the pairs
-    # that wrap across a row end hold a frame pixel, so they add zeros (and no count).
-    w = m.shape[1]
-    f, k = m.ravel(), mask.ravel()
-    buf, prod = np.empty_like(f), np.empty_like(f)
-    alpha, _, sl, sr = _aggd(f, count, buf)
-    feats = [alpha, (sl ** 2 + sr ** 2) / 2]
-    for off in (1, w, w + 1, w - 1):
-        p = np.multiply(f[:-off], f[off:], out=prod[:f.size - off])
-        alpha, mean, sl, sr = _aggd(p, int(np.count_nonzero(k[:-off] & k[off:])), buf)
-        feats += [alpha, mean, sl ** 2, sr ** 2]
-    return feats
+    alpha, mean, sl, sr = _aggd(st)
+    feats = [alpha[0], (sl[0] ** 2 + sr[0] ** 2) / 2]
+    for j in range(1, 5):
+        feats += [alpha[j], mean[j], sl[j] ** 2, sr[j] ** 2]
+    return [float(v) for v in feats]
 
 
 def analysis_grey(img: Image.Image, size: int = BRISQUE_ANALYSIS_SIZE) -> np.ndarray:
@@ -262,7 +285,7 @@ def analysis_grey(img: Image.Image, size: int = BRISQUE_ANALYSIS_SIZE) -> np.nda
     return grey
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=2048)  # ~20 kB each: the long side's (src, dst) pairs vary per aspect ratio
 def _area_weights(src: int, dst: int):
     """OpenCV's INTER_AREA weights from ``src`` to ``dst`` < ``src`` samples (its
     computeResizeAreaTab: each output averages the inputs its cell covers, partial ones by their
