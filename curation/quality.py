@@ -275,48 +275,62 @@ def analysis_grey(img: Image.Image, size: int = BRISQUE_ANALYSIS_SIZE) -> np.nda
     resolution filter runs first, so there every image reaches the analysis size."""
     # 8-bit Rec. 601 luma, as a grey decode (curation.decode, grey=True) gives it: JPEG's own Y, or
     # Pillow's "L" of other formats — so a stage scores the same whether it decoded RGB or grey.
-    # Grey first, then resize: one channel to resample instead of three (a fractional INTER_AREA
-    # on 8-bit RGB costs ~4x more), in float32 (no 8-bit rounding of the resized pixels).
-    grey = np.asarray(to_grey(img), np.float32) * np.float32(1 / 255)
+    # Grey first, then resize: one channel to resample instead of three, straight from the 8-bit
+    # pixels into float32 (no 8-bit rounding of the resized pixels).
+    grey = np.asarray(to_grey(img))
     h, w = grey.shape
     s = size / min(h, w)
     if s < 1.0:
-        grey = area_resize(grey, max(1, round(w * s)), max(1, round(h * s)))
-    return grey
+        return area_resize(grey, max(1, round(w * s)), max(1, round(h * s)), 1 / 255)
+    return grey.astype(np.float32) * np.float32(1 / 255)
 
 
-@lru_cache(maxsize=2048)  # ~20 kB each: the long side's (src, dst) pairs vary per aspect ratio
-def _area_weights(src: int, dst: int):
-    """OpenCV's INTER_AREA weights from ``src`` to ``dst`` < ``src`` samples (its
-    computeResizeAreaTab: each output averages the inputs its cell covers, partial ones by their
-    covered fraction, slivers under 1e-3 dropped) as a sparse (dst, src) matrix."""
-    import scipy.sparse
-
+@njit(cache=True, nogil=True)
+def _area_taps(src, dst):
+    """OpenCV's INTER_AREA taps from ``src`` to ``dst`` < ``src`` samples (its computeResizeAreaTab:
+    each output averages the inputs its cell covers, partial ones by their covered fraction, slivers
+    under 1e-3 dropped): (taps, dst) source indices and float32 weights, zero-weight padded."""
     scale = 1.0 / (dst / src)  # as OpenCV: the inverse of its inv_scale
-    f1 = np.arange(dst) * scale
-    f2, cell = f1 + scale, np.minimum(scale, src - f1)
-    s2 = np.minimum(np.floor(f2), src - 1).astype(np.int64)
-    s1 = np.minimum(np.ceil(f1).astype(np.int64), s2)
-    # Per output, its taps in column order: the partial first cell, the whole ones (s1 <= k < s2),
-    # the partial last one; built straight into CSR (rows in order, no COO sort).
-    cols = np.concatenate([(s1 - 1)[:, None], s1[:, None] + np.arange(math.ceil(scale) + 1), s2[:, None]], 1)
-    vals = np.concatenate([((s1 - f1) / cell)[:, None], np.broadcast_to(1.0 / cell[:, None], (dst, cols.shape[1] - 2)),
-                           (np.minimum(np.minimum(f2 - s2, 1.0), cell) / cell)[:, None]], 1)
-    keep = np.concatenate([(s1 - f1 > 1e-3)[:, None], cols[:, 1:-1] < s2[:, None], (f2 - s2 > 1e-3)[:, None]], 1)
-    indptr = np.concatenate([[0], np.cumsum(keep.sum(1))])
-    return scipy.sparse.csr_matrix((vals[keep].astype(np.float32), cols[keep], indptr), shape=(dst, src))
+    idx = np.zeros((int(np.ceil(scale)) + 2, dst), np.int64)
+    wt = np.zeros(idx.shape, np.float32)
+    for d in range(dst):
+        f1 = d * scale
+        f2, cell = f1 + scale, min(scale, src - f1)
+        s2 = min(int(np.floor(f2)), src - 1)
+        s1 = min(int(np.ceil(f1)), s2)
+        n = 0
+        if s1 - f1 > 1e-3:
+            idx[n, d], wt[n, d], n = s1 - 1, (s1 - f1) / cell, n + 1
+        for k in range(s1, s2):
+            idx[n, d], wt[n, d], n = k, 1.0 / cell, n + 1
+        if f2 - s2 > 1e-3:
+            idx[n, d], wt[n, d] = s2, min(min(f2 - s2, 1.0), cell) / cell
+    return idx, wt
 
 
-def area_resize(grey: np.ndarray, width: int, height: int) -> np.ndarray:
-    """``cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)`` of a float32 image (to
-    ~1e-7) for a downscale: OpenCV's fractional-scale area path is scalar code (~2 ms for a 0.5 MP
-    image); the same weights as two sparse passes (columns, then rows of the transpose) take ~0.8 ms.
-    Integer scales keep OpenCV's own vectorised path."""
-    h, w = grey.shape
-    if w % width == 0 and h % height == 0:
-        return cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
-    tmp = _area_weights(h, height) @ grey
-    return cv2.transpose(_area_weights(w, width) @ cv2.transpose(tmp))
+@njit(cache=True, nogil=True)
+def _area_rows(a, height, gain):
+    """INTER_AREA of ``a``'s columns to ``height`` rows, times ``gain``: whole rows weighted and
+    summed (vectorised)."""
+    iy, wy = _area_taps(a.shape[0], height)
+    out = np.zeros((height, a.shape[1]), np.float32)
+    for j in range(height):
+        acc = out[j]
+        for t in range(iy.shape[0]):
+            c, row = wy[t, j] * gain, a[iy[t, j]]
+            if c != 0:
+                for x in range(row.size):
+                    acc[x] += c * np.float32(row[x])
+    return out
+
+
+def area_resize(grey: np.ndarray, width: int, height: int, gain: float = 1.0) -> np.ndarray:
+    """``cv2.resize(grey * gain, (width, height), interpolation=cv2.INTER_AREA)`` in float32 (to
+    ~1e-7) of an 8-bit or float32 image, for a downscale: OpenCV's fractional-scale area path is
+    scalar code (~2 ms for a 0.5 MP image); the same taps as two compiled row passes (columns,
+    then rows of the transpose) take a fraction of that, with no weights to build or cache."""
+    tmp = _area_rows(np.ascontiguousarray(grey), height, np.float32(gain))
+    return cv2.transpose(_area_rows(cv2.transpose(tmp), width, np.float32(1.0)))
 
 
 def brisque_features(grey: np.ndarray, activity: float = BRISQUE_MIN_ACTIVITY) -> np.ndarray | None:
