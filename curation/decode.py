@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 # We enforce our own pixel limit before decoding (with a message naming the setting); Pillow's
@@ -106,7 +107,18 @@ def _full_scale_luma(data: bytes, side: int) -> np.ndarray:
     im = Image.open(io.BytesIO(data))
     im.draft("L", im.size)  # a no-op for CMYK files: converted below
     im.load()
-    return np.asarray(to_grey(_centre_crop(im, side)))
+    return luma_pixels(_centre_crop(im, side))
+
+
+def luma_pixels(im: Image.Image) -> np.ndarray:
+    """The (h, w) uint8 array of an "L" image (any other mode: its luma, see ``to_grey``), read-only.
+    Without a copy where Pillow can export the pixels (Arrow C data interface: one memory block;
+    the array keeps them alive): ``np.asarray`` goes through ``tobytes`` (~0.4 ms for 1.5 MP)."""
+    im = to_grey(im)
+    try:
+        return pa.array(im).to_numpy(zero_copy_only=True).reshape(im.size[1], im.size[0])
+    except ValueError:  # rows in several blocks (images over Pillow's block size)
+        return np.asarray(im)
 
 
 def to_grey(im: Image.Image) -> Image.Image:
@@ -174,13 +186,13 @@ def decode(data: bytes, working_size: int, max_pixels: int, grid_crop: int = 0, 
             # >= working_size.
             factor = min(im.size) // working_size
             if grey and (grid_crop > 0 or factor == 2):  # one array serves the grid and the working image
-                a = np.asarray(im)
+                a = luma_pixels(im)
                 if grid_crop > 0 and not drafted:
-                    grid = np.ascontiguousarray(a[_crop_box(a.shape, grid_crop)])
+                    grid = a[_crop_box(a.shape, grid_crop)]  # a view: blockiness copies what it reads
                 if factor == 2:
                     im = Image.fromarray(_reduce2(a))
             if grid_crop > 0 and grid is None:  # the grid's phase is searched per axis: orientation is moot
-                grid = _full_scale_luma(data, grid_crop) if drafted else np.asarray(to_grey(_centre_crop(im, grid_crop)))
+                grid = _full_scale_luma(data, grid_crop) if drafted else luma_pixels(_centre_crop(im, grid_crop))
             if factor >= 2 and not (grey and factor == 2):
                 im = im.reduce(factor)
         if orientation in _TRANSPOSED_ORIENTATIONS:

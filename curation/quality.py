@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit
 from PIL import Image
 
-from .decode import to_grey
+from .decode import luma_pixels
 
 # Defaults of the stage-4 rules (calibration: benchmarks/calibrate_stage4.py, curation/QUALITY.md).
 DEFAULT_MAX_BRISQUE = 57.0
@@ -116,7 +116,7 @@ def blockiness(img: Image.Image | np.ndarray, block: int = 8) -> float:
     separates worse (clean <= 0.07 but q10 re-saved only >= 0.12, smooth illustrations and
     upscales up to 0.16). Reads a <= ``BLOCKINESS_CROP`` px centre crop.
     """
-    g = img if isinstance(img, np.ndarray) else np.asarray(img if img.mode == "L" else img.convert("L"))
+    g = img if isinstance(img, np.ndarray) else luma_pixels(img)
     h, w = g.shape
     # Centre crop aligned to the block grid (a crop at a multiple of `block` keeps the phases).
     ch, cw = min(h, BLOCKINESS_CROP), min(w, BLOCKINESS_CROP)
@@ -277,7 +277,7 @@ def analysis_grey(img: Image.Image, size: int = BRISQUE_ANALYSIS_SIZE) -> np.nda
     # Pillow's "L" of other formats — so a stage scores the same whether it decoded RGB or grey.
     # Grey first, then resize: one channel to resample instead of three, straight from the 8-bit
     # pixels into float32 (no 8-bit rounding of the resized pixels).
-    grey = np.asarray(to_grey(img))
+    grey = luma_pixels(img)
     h, w = grey.shape
     s = size / min(h, w)
     if s < 1.0:
