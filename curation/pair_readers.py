@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -26,6 +25,7 @@ import pyarrow as pa
 
 from common.typed_config import ConfigError
 
+from . import readers
 from .readers import IMAGE_EXTS, drop_done, make_id  # noqa: F401 - drop_done: resume, as for images
 
 PAIR_ITEM_SCHEMA = pa.schema([
@@ -206,12 +206,8 @@ def _wanted(cols: PairColumns) -> list[str]:
 def expand_parquet(path: str, cols: PairColumns, batch_rows: int = 256,
                    part: tuple[int, int] | None = None) -> Iterator[pa.Table]:
     """Rows of a Parquet file, or of its row groups ``part`` = [start, stop) (a work unit)."""
-    import pyarrow.parquet as pq
-
-    f = pq.ParquetFile(path)
-    groups = range(*part) if part else range(f.num_row_groups)
-    offset = sum(f.metadata.row_group(i).num_rows for i in range(groups.start))  # keyless ids: row in file
-    for rb in f.iter_batches(batch_size=batch_rows, columns=_wanted(cols), row_groups=groups):
+    offset, batches = readers.parquet_batches(path, _wanted(cols), batch_rows, part)  # keyless ids: row in file
+    for rb in batches:
         yield _rows(_from_columns(rb.to_pydict(), rb.num_rows, cols, path, path, os.path.dirname(path), offset))
         offset += rb.num_rows
 
@@ -219,12 +215,9 @@ def expand_parquet(path: str, cols: PairColumns, batch_rows: int = 256,
 def expand_lance(uri: str, fragment_id: str, cols: PairColumns, batch_rows: int = 256,
                  part: tuple[int, int] | None = None) -> Iterator[pa.Table]:
     """Rows of a Lance fragment, or of its rows ``part`` = [start, stop) (a work unit)."""
-    import lance
-
-    frag = lance.dataset(uri).get_fragment(int(fragment_id))
     src = uri if cols.key else f"{uri}/fragment={fragment_id}"  # (fragment, offset) without a key column
-    offset, rng = (part[0], {"offset": part[0], "limit": part[1] - part[0]}) if part else (0, {})
-    for rb in frag.to_batches(columns=_wanted(cols), batch_size=batch_rows, **rng):
+    offset, batches = readers.lance_batches(uri, fragment_id, _wanted(cols), batch_rows, part)
+    for rb in batches:
         yield _rows(_from_columns(rb.to_pydict(), rb.num_rows, cols, src, src, None, offset))
         offset += rb.num_rows
 
@@ -265,25 +258,10 @@ def _member_role(ext: str) -> str | None:
     return _TEXT_MEMBERS.get(ext)
 
 
-def expand_tar(shard: str, batch_rows: int = 256) -> Iterator[pa.Table]:
-    """WebDataset shard -> pair rows; a shard that breaks mid-way yields the pairs read so far plus
-    one row naming the error."""
-    groups: dict[str, dict[str, bytes]] = {}
-    error = None
-    try:
-        with tarfile.open(shard, "r:*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                d, base = os.path.split(m.name)
-                key, _, ext = base.partition(".")
-                role = _member_role(ext.lower())
-                if base.startswith(".") or role is None:
-                    continue
-                f = tf.extractfile(m)
-                groups.setdefault(os.path.join(d, key), {})[role] = f.read() if f else b""
-    except (tarfile.TarError, OSError, EOFError) as e:
-        error = f"tar shard unreadable after {len(groups)} samples: {type(e).__name__}: {e}"
+def expand_tar(shard: str, batch_rows: int = 256, part: tuple[int, int] | None = None) -> Iterator[pa.Table]:
+    """WebDataset shard (or the byte range ``part`` of it) -> pair rows; a shard that breaks
+    mid-way yields the pairs read so far plus one row naming the error."""
+    groups, error = readers.tar_samples(shard, _member_role, part)
     buf: list[dict] = []
     for key, m in groups.items():
         meta: dict = {}
@@ -307,37 +285,15 @@ def expand_tar(shard: str, batch_rows: int = 256) -> Iterator[pa.Table]:
             yield _rows(buf)
             buf = []
     if error:
-        buf.append(_record(make_id(shard, "__shard_error__"), shard, error=error))
+        buf.append(_record(make_id(shard, readers.shard_error_key(part)), shard, error=error))
     if buf:
         yield _rows(buf)
 
 
 def work_units(source: PairSource, rows_per_unit: int) -> list[tuple[str, int, int]]:
-    """What one scoring task reads: (unit, start, stop). Finer than files where a partial read is
-    cheap, so the pairs of one big file are scored on every core: consecutive Parquet row groups of
-    about ``rows_per_unit`` rows (a row group is the smallest Parquet read), Lance fragment row
-    ranges; JSON-lines files and tar shards whole (start = stop = -1: sequential formats)."""
-    out: list[tuple[str, int, int]] = []
-    if source.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        for path in source.units:
-            meta, start, rows = pq.read_metadata(path), 0, 0
-            for g in range(meta.num_row_groups):
-                rows += meta.row_group(g).num_rows
-                if rows >= rows_per_unit or g == meta.num_row_groups - 1:
-                    out.append((path, start, g + 1))
-                    start, rows = g + 1, 0
-        return out
-    if source.kind == "lance":
-        import lance
-
-        ds = lance.dataset(source.root)
-        for unit in source.units:
-            n = ds.get_fragment(int(unit)).count_rows()
-            out += [(unit, a, min(n, a + rows_per_unit)) for a in range(0, n, rows_per_unit)]
-        return out
-    return [(u, -1, -1) for u in source.units]
+    """What one scoring task reads: (unit, start, stop) of :func:`curation.readers.work_units`
+    (Parquet row groups, Lance row ranges, tar member ranges; JSON-lines files whole: -1, -1)."""
+    return [(u, a, b) for u, a, b, _ in readers.work_units(source, rows_per_unit)]
 
 
 def expand_unit(source: PairSource, unit: str, batch_rows: int = 256,
@@ -351,7 +307,7 @@ def expand_unit(source: PairSource, unit: str, batch_rows: int = 256,
     if source.kind == "jsonl":
         return expand_jsonl(unit, source.columns, batch_rows)
     if source.kind == "tar":
-        return expand_tar(unit, batch_rows)
+        return expand_tar(unit, batch_rows, part)
     raise ValueError(source.kind)
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,12 +230,18 @@ def _decode_text(raw: bytes | None) -> str | None:
     return raw.decode("utf-8", errors="replace").strip()
 
 
-def _open_tar(shard: str) -> tarfile.TarFile:
-    if not storage.is_remote(shard):
-        return tarfile.open(shard, "r:*")
-    fs, path = storage.filesystem(shard)
-    # Stream mode: one sequential read of the object, no seeks.
-    return tarfile.open(fileobj=fs.open_input_stream(path), mode="r|*")
+@contextmanager
+def _open_tar(shard: str, start: int = 0) -> Iterator[tarfile.TarFile]:
+    if storage.is_remote(shard):
+        fs, path = storage.filesystem(shard)
+        # Stream mode: one sequential read of the object, no seeks (remote shards are read whole).
+        with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+            yield tf
+        return
+    with open(shard, "rb") as f:
+        f.seek(start)  # a work unit's first header: TarFile reads on from the file's position
+        with tarfile.open(fileobj=f, mode="r:" if start else "r:*") as tf:
+            yield tf
 
 
 def _parquet_file(path: str):
@@ -246,26 +253,49 @@ def _parquet_file(path: str):
     return pq.ParquetFile(fs.open_input_file(p))
 
 
-def expand_tar(shard: str, batch_rows: int = 256) -> Iterator[pa.Table]:
-    """WebDataset shard -> rows. Files are grouped by key (path up to the first dot of the base
-    name); the image member is the one with an image extension, the caption the ``.txt`` (or the
-    ``.json``'s caption). A shard that breaks mid-way yields the rows read so far plus one row
-    naming the error, so nothing vanishes silently."""
+def _sample_key(name: str) -> tuple[str, str] | None:
+    """(sample key, lower-case extension) of a WebDataset member: the path up to the first dot of
+    the base name; None for hidden files."""
+    d, base = os.path.split(name)
+    if base.startswith("."):
+        return None
+    key, _, ext = base.partition(".")
+    return os.path.join(d, key), ext.lower()
+
+
+def tar_samples(shard: str, pick, part: tuple[int, int] | None = None) -> tuple[dict[str, dict[str, bytes]], str | None]:
+    """Members of a WebDataset shard grouped by sample key, ``{key: {pick(ext): bytes}}`` (members
+    whose ``pick`` is None are not read), and the error that stopped the read, if any. ``part``:
+    the byte range [start, stop) of member headers of a work unit (:func:`work_units`)."""
     groups: dict[str, dict[str, bytes]] = {}
     error = None
     try:
-        with _open_tar(shard) as tf:
+        with _open_tar(shard, part[0] if part else 0) as tf:
             for m in tf:
-                if not m.isfile():
+                if part and m.offset >= part[1]:
+                    break
+                sk = _sample_key(m.name) if m.isfile() else None
+                name = pick(sk[1]) if sk else None
+                if name is None:
                     continue
-                d, base = os.path.split(m.name)
-                if base.startswith("."):
-                    continue
-                key, _, ext = base.partition(".")
                 f = tf.extractfile(m)
-                groups.setdefault(os.path.join(d, key), {})["." + ext.lower()] = f.read() if f else b""
+                groups.setdefault(sk[0], {})[name] = f.read() if f else b""
     except (tarfile.TarError, OSError, EOFError) as e:
         error = f"tar shard unreadable after {len(groups)} samples: {type(e).__name__}: {e}"
+    return groups, error
+
+
+def shard_error_key(part: tuple[int, int] | None) -> str:
+    """Key of the row that names a broken shard (one per work unit, so ids stay unique)."""
+    return "__shard_error__" if not part or part[0] == 0 else f"__shard_error__@{part[0]}"
+
+
+def expand_tar(shard: str, batch_rows: int = 256, part: tuple[int, int] | None = None) -> Iterator[pa.Table]:
+    """WebDataset shard (or the byte range ``part`` of it) -> rows. Files are grouped by key (path
+    up to the first dot of the base name); the image member is the one with an image extension,
+    the caption the ``.txt`` (or the ``.json``'s caption). A shard that breaks mid-way yields the
+    rows read so far plus one row naming the error, so nothing vanishes silently."""
+    groups, error = tar_samples(shard, lambda ext: "." + ext, part)
     buf = _empty_buf()
     for key, members in groups.items():
         img_ext = next((e for e in members if e in IMAGE_EXTS), None)
@@ -281,14 +311,13 @@ def expand_tar(shard: str, batch_rows: int = 256) -> Iterator[pa.Table]:
             yield _rows(buf)
             buf = _empty_buf()
     if error:
-        _add(buf, make_id(shard, "__shard_error__"), shard, error=error)
+        _add(buf, make_id(shard, shard_error_key(part)), shard, error=error)
     if buf["id"]:
         yield _rows(buf)
 
 
 def _table_batches(batches: Iterator[pa.RecordBatch], source: str, uri_prefix: str, cols: Columns,
-                   base_dir: str | None) -> Iterator[pa.Table]:
-    offset = 0
+                   base_dir: str | None, offset: int = 0) -> Iterator[pa.Table]:
     for rb in batches:
         n = rb.num_rows
         keys = (rb.column(cols.key).cast(pa.string()).to_pylist() if cols.key
@@ -314,31 +343,137 @@ def _table_batches(batches: Iterator[pa.RecordBatch], source: str, uri_prefix: s
         yield _rows(buf)
 
 
-def expand_parquet(path: str, cols: Columns, batch_rows: int = 256) -> Iterator[pa.Table]:
-    want = [c for c in (cols.image, cols.path, cols.caption, cols.key) if c]
-    pf = _parquet_file(path)
-    yield from _table_batches(pf.iter_batches(batch_size=batch_rows, columns=want), path, path, cols,
-                              path.rsplit("/", 1)[0] if storage.is_remote(path) else os.path.dirname(path))
+def parquet_batches(path: str, columns: list[str], batch_rows: int,
+                    part: tuple[int, int] | None = None) -> tuple[int, Iterator[pa.RecordBatch]]:
+    """(row offset of the first row in the file, record batches) of a Parquet file, or of its row
+    groups ``part`` = [start, stop) (a work unit; a keyless id is the row's place in the file)."""
+    f = _parquet_file(path)
+    groups = range(*part) if part else range(f.num_row_groups)
+    offset = sum(f.metadata.row_group(i).num_rows for i in range(groups.start))
+    return offset, f.iter_batches(batch_size=batch_rows, columns=columns, row_groups=groups)
 
 
-def expand_lance(uri: str, fragment_id: str, cols: Columns, batch_rows: int = 256) -> Iterator[pa.Table]:
+def lance_batches(uri: str, fragment_id: str, columns: list[str], batch_rows: int,
+                  part: tuple[int, int] | None = None) -> tuple[int, Iterator[pa.RecordBatch]]:
+    """(row offset, record batches) of a Lance fragment, or of its rows ``part`` = [start, stop)."""
     import lance
 
     frag = lance.dataset(uri, storage_options=storage.storage_options(uri)).get_fragment(int(fragment_id))
+    rng = {"offset": part[0], "limit": part[1] - part[0]} if part else {}
+    return (part[0] if part else 0), frag.to_batches(columns=columns, batch_size=batch_rows, **rng)
+
+
+def expand_parquet(path: str, cols: Columns, batch_rows: int = 256,
+                   part: tuple[int, int] | None = None) -> Iterator[pa.Table]:
+    want = [c for c in (cols.image, cols.path, cols.caption, cols.key) if c]
+    offset, batches = parquet_batches(path, want, batch_rows, part)
+    yield from _table_batches(batches, path, path, cols,
+                              path.rsplit("/", 1)[0] if storage.is_remote(path) else os.path.dirname(path), offset)
+
+
+def expand_lance(uri: str, fragment_id: str, cols: Columns, batch_rows: int = 256,
+                 part: tuple[int, int] | None = None) -> Iterator[pa.Table]:
     want = [c for c in (cols.image, cols.path, cols.caption, cols.key) if c]
     # Without a key column, (fragment, offset) is stable for an unchanged table version.
     src = uri if cols.key else f"{uri}/fragment={fragment_id}"
-    yield from _table_batches(frag.to_batches(columns=want, batch_size=batch_rows), src, src, cols, None)
+    offset, batches = lance_batches(uri, fragment_id, want, batch_rows, part)
+    yield from _table_batches(batches, src, src, cols, None, offset)
 
 
-def expand_unit(source: Source, unit: str, batch_rows: int = 256) -> Iterator[pa.Table]:
+def expand_unit(source: Source, unit: str, batch_rows: int = 256,
+                part: tuple[int, int] | None = None) -> Iterator[pa.Table]:
+    """Rows of one unit (a shard, file or fragment), or of its ``part`` [start, stop) planned by
+    :func:`work_units` (start < 0: the whole unit)."""
+    part = part if part and part[0] >= 0 else None
     if source.kind == "tar":
-        return expand_tar(unit, batch_rows)
+        return expand_tar(unit, batch_rows, part)
     if source.kind == "parquet":
-        return expand_parquet(unit, source.columns, batch_rows)
+        return expand_parquet(unit, source.columns, batch_rows, part)
     if source.kind == "lance":
-        return expand_lance(source.root, unit, source.columns, batch_rows)
+        return expand_lance(source.root, unit, source.columns, batch_rows, part)
     raise ValueError(source.kind)
+
+
+# --------------------------------------------------------------------------- work units
+# A work unit is what one scoring task reads, scores and writes: about ``rows_per_unit`` items, so
+# one big file is scored on every core. Planned in the driver from cheap metadata (Parquet footers,
+# Lance fragment row counts, tar headers); image bytes never pass through the driver or Ray's
+# object store. Ids do not depend on the split (keyless ids are a row's place in its file).
+Part = tuple[str, int, int, int]
+"""(unit, start, stop, rows): a piece of a unit; start = stop = -1 is the whole unit, rows = -1
+when its size is unknown."""
+
+
+def row_ranges(unit: str, n: int, rows_per_unit: int) -> list[Part]:
+    return [(unit, a, min(n, a + rows_per_unit), min(n, a + rows_per_unit) - a) for a in range(0, n, rows_per_unit)]
+
+
+def tar_ranges(shard: str, rows_per_unit: int) -> list[Part]:
+    """Byte ranges of member headers holding about ``rows_per_unit`` samples each, cut only where
+    no sample's members lie on both sides (one header pass, no member data read). Remote, compressed
+    or unreadable shards are one unit (read whole, as before: a broken shard's rows and error row
+    stay those of a whole read)."""
+    whole = [(shard, -1, -1, -1)]
+    if storage.is_remote(shard):
+        return whole
+    try:
+        with tarfile.open(shard, "r:") as tf:
+            members = [(m.offset, _sample_key(m.name) if m.isfile() else None) for m in tf]
+    except (tarfile.TarError, OSError, EOFError):
+        return whole
+    last = {sk[0]: i for i, (_, sk) in enumerate(members) if sk}
+    out, start, seen, reach = [], 0, set(), -1
+    for i, (off, sk) in enumerate(members):
+        if seen and len(seen) >= rows_per_unit and reach < i:  # every sample so far ends before i
+            out.append((shard, start, off, len(seen)))
+            start, seen = off, set()
+        if sk:
+            seen.add(sk[0])
+            reach = max(reach, last[sk[0]])
+    if not out:
+        return whole
+    return out + [(shard, start, os.path.getsize(shard), len(seen))]
+
+
+def work_units(source, rows_per_unit: int) -> list[Part]:
+    """Pieces of a reader's units (images: :class:`Source`; edit pairs:
+    ``pair_readers.PairSource``) of about ``rows_per_unit`` rows: consecutive Parquet row groups (a
+    row group is the smallest Parquet read), Lance fragment row ranges, tar member ranges; other
+    units (JSON-lines files) whole."""
+    out: list[Part] = []
+    if source.kind == "parquet":
+        for path in source.units:
+            meta, start, rows = _parquet_file(path).metadata, 0, 0
+            for g in range(meta.num_row_groups):
+                rows += meta.row_group(g).num_rows
+                if rows >= rows_per_unit or g == meta.num_row_groups - 1:
+                    out.append((path, start, g + 1, rows))
+                    start, rows = g + 1, 0
+        return out
+    if source.kind == "lance":
+        import lance
+
+        ds = lance.dataset(source.root, storage_options=storage.storage_options(source.root))
+        for unit in source.units:
+            out += row_ranges(unit, ds.get_fragment(int(unit)).count_rows(), rows_per_unit)
+        return out
+    if source.kind == "tar":
+        return [p for shard in source.units for p in tar_ranges(shard, rows_per_unit)]
+    return [(u, -1, -1, -1) for u in source.units]
+
+
+def pack(parts: list[Part], rows_per_unit: int) -> list[list[tuple[str, int, int]]]:
+    """Consecutive small pieces (small files, fragments with few kept rows) together up to about
+    ``rows_per_unit`` rows per work unit, so output fragments stay about a batch in size."""
+    out: list[list[tuple[str, int, int]]] = []
+    rows = rows_per_unit
+    for unit, a, b, n in parts:
+        if n < 0 or rows + n > rows_per_unit:
+            out.append([])
+            rows = 0
+        out[-1].append((unit, a, b))
+        rows = rows_per_unit if n < 0 else rows + n
+    return out
 
 
 def drop_done(rows: pa.Table, done: pa.Array | None) -> pa.Table:

@@ -15,12 +15,14 @@ its own table's metadata (a resumed run reads the same parent version).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 from dataclasses import dataclass, field
 
 import lance
+import numpy as np
 import pyarrow as pa
 
 from common import storage
@@ -28,9 +30,23 @@ from common import storage
 from .config import ConfigError, StageConfig
 from .decide import apply_decisions
 from .filters import FILTERS, column_identities, embedding_identity, models_for
-from .readers import ITEM_SCHEMA, Columns, Source, drop_done, expand_unit, list_folder, resolve_input
+from .readers import (
+    ITEM_SCHEMA,
+    Columns,
+    Part,
+    Source,
+    drop_done,
+    expand_unit,
+    list_folder,
+    pack,
+    resolve_input,
+    row_ranges,
+    work_units,
+)
 from .schema import EMBEDDING, SCORING_SCHEMA, embed_dim
 from .stage import FILE_COLUMNS, PARENT_PREFIX, Plan, StageScorer, needs_actors, preflight, score_task
+
+MAX_BLOCKS = 4096  # work-unit blocks of one run (more units: a task takes several in turn)
 
 
 @dataclass(frozen=True)
@@ -72,14 +88,18 @@ def open_parent(spec: str, version: int | None = None, storage_options: dict | N
                   tuple(f.fragment_id for f in ds.get_fragments()), kept, storage_options)
 
 
-def expand_parent(parent: Parent, fragment_id: int, extra: tuple[str, ...], batch_rows: int):
-    """Kept rows of one parent fragment as items (readers.ITEM_SCHEMA, the stored bytes as
-    ``data``) plus ``parent.<column>`` for the columns in ``extra``."""
+def expand_parent(parent: Parent, extra: tuple[str, ...], fragment_id: str, batch_rows: int,
+                  part: tuple[int, int] | None = None):
+    """Kept rows of one parent fragment (or its kept rows ``part`` = [start, stop) in fragment
+    order, :func:`parent_parts`) as items (readers.ITEM_SCHEMA, the stored bytes as ``data``)
+    plus ``parent.<column>`` for the columns in ``extra``."""
     ds = lance.dataset(parent.uri, version=parent.version, storage_options=parent.storage_options)
-    frag = ds.get_fragment(fragment_id)
+    frag = ds.get_fragment(int(fragment_id))
     cols = ["id", "uri", "caption", "image"] + [c for c in extra if c not in ("id", "uri", "caption", "image")]
+    # offset/limit count the rows that pass the filter: [start, stop) of the fragment's kept rows.
+    rng = {"offset": part[0], "limit": part[1] - part[0]} if part and part[0] >= 0 else {}
     scan = ds.scanner(columns=cols, filter="keep = true", fragments=[frag], batch_size=batch_rows,
-                      blob_handling="all_binary")
+                      blob_handling="all_binary", **rng)
     for rb in scan.to_batches():
         if rb.num_rows == 0:
             continue
@@ -93,6 +113,18 @@ def expand_parent(parent: Parent, fragment_id: int, extra: tuple[str, ...], batc
         for c in extra:
             items = items.append_column(PARENT_PREFIX + c, rb.column(c))
         yield items
+
+
+def parent_parts(parent: Parent, rows_per_unit: int) -> list[Part]:
+    """Ranges of about ``rows_per_unit`` kept rows of each parent fragment, from one scan of the
+    kept rows' addresses (the fragment id is an address's upper 32 bits; no other column read)."""
+    ds = lance.dataset(parent.uri, version=parent.version, storage_options=parent.storage_options)
+    counts: dict[int, int] = {}
+    for rb in ds.scanner(columns=[], filter="keep = true", with_row_address=True).to_batches():
+        frags, n = np.unique(rb.column("_rowaddr").to_numpy() >> 32, return_counts=True)
+        for f, c in zip(frags.tolist(), n.tolist(), strict=True):
+            counts[f] = counts.get(f, 0) + c
+    return [p for f in parent.fragments for p in row_ranges(str(f), counts.get(f, 0), rows_per_unit)]
 
 
 def make_plan(cfg: StageConfig, skipped: tuple[str, ...], parent: Parent | None) -> Plan:
@@ -204,34 +236,29 @@ def check_output(uri: str, cfg: StageConfig, score_hash: str, storage_options: d
     return ds.count_rows()
 
 
-def _expand(batch: dict, source: Source, done_ref, batch_rows: int, expand=expand_unit):
-    """Ray task: read units (files, shards, fragments) into not-yet-committed rows; ``expand`` is the
-    reader's ``expand_unit`` (images: curation.readers; edit pairs: curation.pair_readers)."""
+def folder_items(source: Source, done: pa.Array | None, batch_rows: int, parallelism: int):
+    """A folder's not-yet-committed items (paths; the scoring worker reads the bytes) as a Ray
+    Dataset, and the folder's size."""
     import ray
 
-    done = ray.get(done_ref) if done_ref is not None else None
-    for unit in batch["unit"]:
-        for rows in expand(source, str(unit), batch_rows):
-            rows = drop_done(rows, done)
-            if rows.num_rows:
-                yield rows
+    items = list_folder(source.root)
+    todo = drop_done(items, done)
+    # One batch per block, so idle actors pick up work until the very end (load balance).
+    step = max(1, min(batch_rows, -(-todo.num_rows // max(1, parallelism * 4))))
+    blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)] or [todo]
+    return ray.data.from_arrow(blocks), items.num_rows
 
 
-def build_items(source: Source, done: pa.Array | None, batch_rows: int, parallelism: int):
-    """A Ray Dataset of not-yet-committed items (readers.ITEM_SCHEMA) and, for folders, its size."""
+def unit_dataset(parts: list[Part], rows_per_unit: int):
+    """One row per work unit (``parts``: JSON list of (unit, start, stop), :func:`readers.pack`),
+    one block per unit (up to MAX_BLOCKS), so each unit is a task of its own that reads, scores and
+    writes it: no read stage of its own (none to compete with an actor pool for CPUs, nor to fuse
+    a whole shard into one task) and no image bytes in Ray's object store."""
     import ray
 
-    if source.kind == "folder":
-        items = list_folder(source.root)
-        todo = drop_done(items, done)
-        # One batch per block, so idle actors pick up work until the very end (load balance).
-        step = max(1, min(batch_rows, -(-todo.num_rows // max(1, parallelism * 4))))
-        blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)] or [todo]
-        return ray.data.from_arrow(blocks), items.num_rows
-    units = ray.data.from_items([{"unit": u} for u in source.units], override_num_blocks=len(source.units))
-    done_ref = ray.put(done) if done is not None and len(done) else None
-    return units.map_batches(_expand, batch_size=1, fn_kwargs={"source": source, "done_ref": done_ref,
-                                                                "batch_rows": batch_rows}), None
+    work = pack(parts, rows_per_unit)
+    return ray.data.from_items([{"parts": json.dumps(w)} for w in work],
+                               override_num_blocks=max(1, min(len(work), MAX_BLOCKS))), len(work)
 
 
 def _parent_of_output(output: str, storage_options: dict | None) -> tuple[str, int] | None:
@@ -291,26 +318,38 @@ def run_stage(input_spec: str, output: str, cfg: StageConfig, skipped: tuple[str
     cpus = ray.available_resources().get("CPU", 1.0)
     workers = cfg.num_workers or max(1, int(cpus // max(cfg.cpus_per_worker, 1e-3)))
 
+    # Work units (about batch_size rows each) are planned here from metadata; each is a Ray task
+    # that reads, scores and writes it. Resume: a unit's already-committed ids are dropped there.
+    done_ref = ray.put(done) if done is not None and len(done) else None
+    read = None
     if parent is not None:
         extra = tuple(c for c in plan.carry) + ((cfg.scoring.category.column,) if cfg.scoring.category.column
                                                 and "balance" in plan.active else ())
-        items, n_items = build_parent_items(parent, extra, done, cfg.batch_size), parent.kept
+        read = functools.partial(expand_parent, parent, extra)
+        (items, n_units), n_items = unit_dataset(parent_parts(parent, cfg.batch_size), cfg.batch_size), parent.kept
+    elif source.kind == "folder":
+        items, n_items = folder_items(source, done, cfg.batch_size, workers)
+        n_units, done_ref = None, None
     else:
-        items, n_items = build_items(source, done, cfg.batch_size, workers)
+        read = functools.partial(expand_unit, source)
+        (items, n_units), n_items = unit_dataset(work_units(source, cfg.batch_size), cfg.batch_size), None
     kwargs = {"cfg": cfg, "skipped": skipped, "plan": plan, "output_uri": output, "score_hash": score_hash,
-              "storage_options": storage_options}
+              "storage_options": storage_options, "read": read, "done_ref": done_ref}
+    batch = cfg.batch_size if read is None else 1  # a folder's items, or one work unit per call
     if needs_actors(plan):
         scored = items.map_batches(
-            StageScorer, batch_size=cfg.batch_size, batch_format="pyarrow",
+            StageScorer, batch_size=batch, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.cpus_per_worker,
             num_gpus=cfg.gpus_per_worker or None, fn_constructor_kwargs=kwargs)
     else:
-        scored = items.map_batches(score_task, batch_size=cfg.batch_size, batch_format="pyarrow",
+        scored = items.map_batches(score_task, batch_size=batch, batch_format="pyarrow",
                                    num_cpus=cfg.cpus_per_worker, fn_kwargs=kwargs)
+    if n_units is not None:
+        print(f"[{cfg.stage}] {n_units} work units of about {cfg.batch_size} rows", flush=True)
 
     t_score = time.time()
     scored_now = 0
-    if n_items is None or n_items > existing:
+    if (n_items is None or n_items > existing) and n_units != 0:
         _, scored_now = commit_fragments(scored, output, ds_out.version, commit_every, storage_options, cfg.stage)
     scoring_seconds = time.time() - t_score
 
@@ -354,24 +393,6 @@ def commit_fragments(written, output: str, read_version: int, commit_every: int,
             commit()
     commit()
     return version, committed
-
-
-def build_parent_items(parent: Parent, extra: tuple[str, ...], done: pa.Array | None, batch_rows: int):
-    """A Ray Dataset of the parent's kept, not-yet-committed rows: one read task per fragment."""
-    import ray
-
-    units = ray.data.from_items([{"unit": f} for f in parent.fragments], override_num_blocks=len(parent.fragments))
-    done_ref = ray.put(done) if done is not None and len(done) else None
-
-    def expand(batch: dict):
-        done_ = ray.get(done_ref) if done_ref is not None else None
-        for unit in batch["unit"]:
-            for rows in expand_parent(parent, int(unit), extra, batch_rows):
-                rows = drop_done(rows, done_)
-                if rows.num_rows:
-                    yield rows
-
-    return units.map_batches(expand, batch_size=1)
 
 
 def rethreshold(output: str, cfg: StageConfig, report: bool = True,

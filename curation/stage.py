@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ import pyarrow as pa
 from .config import StageConfig
 from .decode import decode, encode_jpeg
 from .filters import FILTERS, MODELS, ROTATION_DETECTORS, Batch
-from .readers import read_bytes, read_json_caption
+from .readers import drop_done, read_bytes, read_json_caption
 from .schema import EMBEDDING, scoring_schema
 
 # Columns of a previous stage's row that describe the file itself, copied as they are.
@@ -104,9 +105,12 @@ class StageScorer:
     """Ray Data callable class: one per actor; models load in ``__init__`` (once per actor)."""
 
     def __init__(self, cfg: StageConfig, skipped: tuple[str, ...], plan: Plan, output_uri: str | None,
-                 score_hash: str, storage_options: dict | None = None):
+                 score_hash: str, storage_options: dict | None = None, read=None, done_ref=None):
+        import ray
+
         self.cfg, self.skipped, self.plan, self.uri, self.score_hash = cfg, skipped, plan, output_uri, score_hash
-        self.storage_options = storage_options
+        self.storage_options, self.read = storage_options, read
+        self.done = ray.get(done_ref) if done_ref is not None else None  # ids committed before (resume)
         self.schema = plan.schema
         device = "cpu"
         if set(plan.models) & {"clip", "aesthetic"}:  # torch is imported only where a torch model runs
@@ -195,12 +199,35 @@ class StageScorer:
         return t.add_column(pos, self.schema.field(EMBEDDING), emb)
 
     # ------------------------------------------------------------------ Ray Data entry point
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def write(self, items: pa.Table) -> list:
         import lance.fragment
 
-        rows = self.score(batch)
-        frags = lance.fragment.write_fragments(rows, self.uri, schema=self.schema,
-                                               storage_options=self.storage_options)
+        return lance.fragment.write_fragments(self.score(items), self.uri, schema=self.schema,
+                                              storage_options=self.storage_options)
+
+    def units(self, parts: str) -> Iterator[pa.Table]:
+        """The not-yet-committed items of one work unit (``parts``: JSON list of (unit, start, stop),
+        ``curation.readers.pack``), in batches of exactly ``batch_size`` but the last."""
+        size, pending = self.cfg.batch_size, None
+        for unit, a, b in json.loads(parts):
+            for items in self.read(unit, size, (a, b)):
+                items = drop_done(items, self.done)
+                pending = items if pending is None else pa.concat_tables([pending, items])
+                while pending.num_rows >= size:
+                    yield pending.slice(0, size)
+                    pending = pending.slice(size)
+        if pending is not None and pending.num_rows:
+            yield pending
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Score and write a batch of items (a folder listing: paths, read here) or of work units
+        (column ``parts``: read here by ``self.read``, so image bytes never pass through Ray's
+        object store and one big shard, file or fragment is scored by many tasks)."""
+        if "parts" in batch.column_names:
+            frags = [f for parts in batch.column("parts").to_pylist() for items in self.units(parts)
+                     for f in self.write(items)]
+        else:
+            frags = self.write(batch)
         # Only metadata travels back; the driver commits these fragments every --commit-every rows.
         return pa.table({
             "fragment": pa.array([json.dumps(f.to_json()) for f in frags], pa.string()),
@@ -214,14 +241,17 @@ _TASK_SCORERS: dict[tuple, StageScorer] = {}
 
 
 def score_task(batch: pa.Table, cfg: StageConfig, skipped: tuple[str, ...], plan: Plan, output_uri: str,
-               score_hash: str, storage_options: dict | None = None) -> pa.Table:
+               score_hash: str, storage_options: dict | None = None, read=None, done_ref=None) -> pa.Table:
     """Ray Data task entry point for runs whose models are light (a tokenizer at most): Ray's
     prestarted workers pick batches up at once, where an actor pool first spawns and imports."""
-    key = (output_uri, score_hash)
+    key = (output_uri, score_hash, done_ref.hex() if done_ref is not None else None)  # a rerun anew
     if key not in _TASK_SCORERS:
         _TASK_SCORERS.clear()
-        _TASK_SCORERS[key] = StageScorer(cfg, skipped, plan, output_uri, score_hash, storage_options)
-    return _TASK_SCORERS[key](batch)
+        _TASK_SCORERS[key] = StageScorer(cfg, skipped, plan, output_uri, score_hash, storage_options,
+                                         done_ref=done_ref)
+    scorer = _TASK_SCORERS[key]
+    scorer.read = read  # this run's input (the cached scorer may have served another run's)
+    return scorer(batch)
 
 
 def needs_actors(plan: Plan) -> bool:

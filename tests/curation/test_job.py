@@ -125,9 +125,10 @@ def test_rethreshold_redecides_without_rescoring(stage1_out, tmp_path):
     assert lance.dataset(str(out), version=v0).count_rows() == len(notes)
 
 
-def test_tar_and_parquet_inputs_through_the_job(ray_local, cfg, tmp_path):
+def test_tar_and_parquet_inputs_through_the_job(ray_local, cfg, tmp_path, capsys):
     import io
     import tarfile
+    from dataclasses import replace
 
     import pyarrow.parquet as pq
 
@@ -138,9 +139,11 @@ def test_tar_and_parquet_inputs_through_the_job(ray_local, cfg, tmp_path):
                 info = tarfile.TarInfo(f"{i:05d}{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-    s = run_stage(str(tmp_path / "shard-000.tar"), str(tmp_path / "tar.lance"), cfg, ("clip", "nsfw"),
-                  progress=False, report=False)
-    assert s.rows == 6
+    # batch_size 2: the one shard is three work units (tasks), each reading its own members.
+    s = run_stage(str(tmp_path / "shard-000.tar"), str(tmp_path / "tar.lance"), replace(cfg, batch_size=2),
+                  ("clip", "nsfw"), progress=False, report=False)
+    assert s.rows == 6 and "] 3 work units of about 2 rows" in capsys.readouterr().out
+    assert sorted(_frame(tmp_path / "tar.lance")["caption"].to_list()) == sorted(n for n, _ in photos)
     pq.write_table(pa.table({"image": [samples.png(im) for _, im in photos] + [b"junk"],
                              "text": [n for n, _ in photos] + ["junk"]}), tmp_path / "p.parquet")
     s = run_stage(str(tmp_path / "p.parquet"), str(tmp_path / "pq.lance"), cfg, ("clip", "nsfw"),

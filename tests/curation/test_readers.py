@@ -86,3 +86,34 @@ def test_bad_inputs_name_the_flag(tmp_path):
     pq.write_table(pa.table({"x": [1]}), tmp_path / "bad.parquet")
     with pytest.raises(ConfigError, match="--image-column or --path-column"):
         resolve_input(str(tmp_path / "bad.parquet"))
+
+
+def test_work_units_split_a_shard_file_and_fragment_with_the_same_rows(tmp_path):
+    """One tar shard, Parquet file or Lance fragment is planned as several work units of about
+    ``rows_per_unit`` rows (from headers / footers / row counts, no image read), and reading the
+    units gives exactly the rows of a whole read: same ids, bytes, captions, order. A tar sample
+    whose members are not adjacent is never cut apart."""
+    from curation.readers import pack, work_units
+
+    ims = [samples.jpeg(im) for _, im in samples.real_photos()[:3]]
+    members = {f"{i:04d}.{ext}": data for i in range(7)
+               for ext, data in (("jpg", ims[i % 3]), ("txt", f"cap {i}".encode()))}
+    members["0002.json"] = b'{"caption": "late member of sample 2"}'  # sample 2 spans to the end
+    _tar(tmp_path / "s.tar", members)
+    t = pa.table({"jpg": pa.array([ims[i % 3] for i in range(7)], pa.binary()), "caption": [f"c{i}" for i in range(7)]})
+    pq.write_table(t, tmp_path / "p.parquet", row_group_size=2)
+    lance.write_dataset(t, tmp_path / "one.lance")
+    for spec in ("s.tar", "p.parquet", "one.lance"):
+        src = resolve_input(str(tmp_path / spec))
+        assert len(src.units) == 1
+        parts = work_units(src, 2)
+        split = [r for u, a, b, _ in parts for tb in expand_unit(src, u, 8, (a, b)) for r in tb.to_pylist()]
+        whole = [r for tb in expand_unit(src, src.units[0], 8) for r in tb.to_pylist()]
+        assert len(whole) == 7 and len({r["id"] for r in whole}) == 7, spec
+        assert sorted(split, key=lambda r: r["id"]) == sorted(whole, key=lambda r: r["id"]), spec
+        assert len(parts) >= 2 and sum(n for *_, n in parts) == 7, spec
+        assert len(pack(parts, 2)) == len(parts)  # units already a batch: one per task
+    tar_parts = work_units(resolve_input(str(tmp_path / "s.tar")), 2)
+    assert len(tar_parts) == 2  # 0000-0001 | 0002 ... 0006 (sample 2's json is the last member)
+    assert pack([("a", 0, 1, 1), ("b", 0, 1, 1), ("c", 0, 3, 3), ("d", -1, -1, -1)], 2) == [
+        [("a", 0, 1), ("b", 0, 1)], [("c", 0, 3)], [("d", -1, -1)]]

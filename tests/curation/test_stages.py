@@ -319,3 +319,31 @@ def test_stage4_defaults_are_the_calibrated_ones():
         assert th.quality.max_brisque == quality.DEFAULT_MAX_BRISQUE
         assert th.compression.min_jpeg_quality == quality.DEFAULT_MIN_JPEG_QUALITY
         assert th.compression.max_blockiness == quality.DEFAULT_MAX_BLOCKINESS
+
+
+def test_one_fragment_parent_is_scored_in_batch_sized_work_units(chain, s4, tmp_path, capsys):
+    """A chained stage whose parent is one Lance fragment (here stage 1's table compacted) is read
+    as several work units of about batch_size kept rows, one Ray task each that reads, scores and
+    writes its rows (before, one task on one core took the whole fragment), with the ids, scores and
+    decisions of the chained run on the many-fragment table; the model-backed aesthetic head runs
+    on its actor pool beside them on 2 CPUs."""
+    import shutil
+
+    from curation.run import open_parent, parent_parts
+
+    s1, s4_out, _ = chain
+    one = tmp_path / "s1_one.lance"
+    shutil.copytree(s1, one)
+    lance.dataset(str(one)).optimize.compact_files(target_rows_per_fragment=1 << 20)
+    parent = open_parent(str(one))
+    assert len(parent.fragments) == 1
+    parts = parent_parts(parent, 2)
+    assert len(parts) >= 3 and sum(n for *_, n in parts) == parent.kept
+    cfg = load_config(CONFIGS / "stage4.yaml", {**s4["tiny"], "batch_size": 2})
+    capsys.readouterr()
+    run_stage(str(one), str(tmp_path / "s4_one.lance"), cfg, commit_every=4, progress=False, report=False)
+    assert f"] {len(parts)} work units of about 2 rows" in capsys.readouterr().out
+    mine, ref = _frame(tmp_path / "s4_one.lance").sort("id"), _frame(s4_out).sort("id")
+    cols = ["id", "keep", "reject_reason", "brisque", "jpeg_quality", "blockiness", "width", "clip_score"]
+    assert mine.select(cols).equals(ref.select(cols))
+    np.testing.assert_allclose(mine["aesthetic"].to_numpy(), ref["aesthetic"].to_numpy(), atol=1e-3)
