@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import math
 import pickle
 from functools import lru_cache
 from pathlib import Path
