@@ -1,16 +1,21 @@
 """Retrieval engine benchmark: the flywheel's pool index (flywheel/index.py) at N rows.
 
 Builds a real `pool_index` table (flywheel/schema.py) of N rows, indexes it exactly as the engine
-does (`_maintain_indices`: FTS + IVF_PQ on text_vector and image_vector, parameters chosen from the
-row count by `index_params`, default IndexConfig) and queries it through `PoolIndex` — the calls
-attribution and the tracks make, one query at a time from one thread:
+does (`_maintain_indices`: FTS + the configured vector index — IVF_HNSW_SQ by default, or IVF_PQ with
+`--set vector_index=IVF_PQ` — on text_vector and image_vector, parameters chosen from the row count by
+`index_params`) and queries it through `PoolIndex`, the calls attribution and the tracks make:
 
 * vector-only (`PoolIndex.nearest`, k=10): q/s and recall@10 against exact neighbours (brute force
   in numpy over the same vectors);
-* hybrid (`PoolIndex.hybrid`: IVF_PQ + BM25, RRF) at k=10 and at attribution's search_k, one query
-  at a time, and batched (`PoolIndex.hybrid_many`: one batched vector query + concurrent full-text
-  queries, `--batch` queries per call: how attribution's density sample runs);
+* hybrid (`PoolIndex.hybrid`: vector index + BM25, RRF) at k=10 and at attribution's search_k, one
+  query at a time (single stream), and with 2 queries in flight (2 client threads on one PoolIndex:
+  how a retrieval server answers concurrent requests);
+* batched (`PoolIndex.hybrid_many`: one batched vector query + concurrent full-text queries, `--batch`
+  queries per call: how attribution's density sample runs), single stream and 2 batches in flight;
 * the baseline in the same run: LanceDB exact search (flat scan) on a subset of the queries.
+
+q/s are wall-clock on this machine (2 cores: at most 2 queries run at once); CPU ms/query counts all
+threads, the load-independent figure (2 cores / CPU ms = the q/s ceiling).
 
 The data: uniform random 768-d vectors have no neighbourhood structure (every point is about equally
 far from every other), so ANN recall on them says nothing about CLIP embeddings. CLIP embeddings are
@@ -136,10 +141,18 @@ def exact_top(data: np.ndarray, q: np.ndarray, k: int = 10) -> np.ndarray:
     return top
 
 
-def timed(fn, n: int) -> tuple[list, float, float]:
+def timed(fn, n: int, step: int = 1, threads: int = 1) -> tuple[list, float, float]:
+    """fn(i) for i in range(0, n, step) (each call answers `step` queries), `threads` calls in flight;
+    returns the answers, queries/s and CPU ms per query."""
+    from concurrent.futures import ThreadPoolExecutor
+
     fn(0)  # warm the index cache
     t, c = time.perf_counter(), cpu()
-    out = [fn(i) for i in range(n)]
+    if threads == 1:
+        out = [fn(i) for i in range(0, n, step)]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            out = list(pool.map(fn, range(0, n, step)))
     return out, n / (time.perf_counter() - t), (cpu() - c) / n * 1000
 
 
@@ -164,7 +177,7 @@ def main() -> None:
     args = ap.parse_args()
     import lancedb
 
-    over = {k: int(v) for k, v in (s.split("=", 1) for s in args.set)}
+    over = {k: int(v) if v.lstrip("-").isdigit() else v for k, v in (s.split("=", 1) for s in args.set)}
     cfg = IndexConfig(**over)
     t_all = time.perf_counter()
     root = Path(args.dir or tempfile.mkdtemp(prefix="fw_bench_"))
@@ -185,9 +198,11 @@ def main() -> None:
         t0, c0 = time.perf_counter(), cpu()
         _maintain_indices(tbl, cfg, args.n, changed=True)
         t_build, c_build = time.perf_counter() - t0, cpu() - c0
-        print(f"index build (FTS + IVF_PQ on 2 vector columns): {t_build:.1f}s wall, {c_build:.1f}s CPU; "
-              f"{p['num_partitions']} partitions, {p['num_sub_vectors']} sub-vectors", flush=True)
-    print(f"search: nprobes {cfg.nprobes}, refine_candidates {cfg.refine_candidates}, query_threads {cfg.query_threads}", flush=True)
+        print(f"index build (FTS + {cfg.vector_index} on 2 vector columns): {t_build:.1f}s wall, {c_build:.1f}s CPU; "
+              f"{p}", flush=True)
+    print(f"search: {cfg.vector_index}, " + (f"nprobes {cfg.hnsw_nprobes}, ef {cfg.hnsw_ef or 'default'}"
+          if cfg.vector_index == "IVF_HNSW_SQ" else f"nprobes {cfg.nprobes}, refine_candidates {cfg.refine_candidates}")
+          + f", query_threads {cfg.query_threads}", flush=True)
 
     rng = np.random.default_rng(2)
     qi = rng.integers(0, args.n, args.queries)
@@ -201,20 +216,17 @@ def main() -> None:
     got, ann_qps, ann_ms = timed(lambda i: idx.nearest(qv[i], 10, columns=("id",))["id"].to_pylist(), len(qv))
     rec = recall(got, truth)
     _, h10_qps, h10_ms = timed(lambda i: idx.hybrid(qtext[i], qv[i], 10), len(qv))
+    _, h2_qps, h2_ms = timed(lambda i: idx.hybrid(qtext[i], qv[i], 10), len(qv), threads=2)
     sk = AttributionConfig().search_k
     _, h50_qps, h50_ms = timed(lambda i: idx.hybrid(qtext[i], qv[i], sk), len(qv))
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:  # two queries in flight: Lance runs each outside the GIL
-        t, c = time.perf_counter(), cpu()
-        list(pool.map(lambda i: idx.hybrid(qtext[i], qv[i], 10), range(len(qv))))
-        h2_qps, h2_ms = len(qv) / (time.perf_counter() - t), (cpu() - c) / len(qv) * 1000
     bs = max(1, args.batch)
 
-    def many(i):
-        return idx.hybrid_many(qtext[i:i + bs], qv[i:i + bs], sk) if i % bs == 0 else None
+    def many(k):
+        return lambda i: idx.hybrid_many(qtext[i:i + bs], qv[i:i + bs], k)
 
-    _, hb_qps, hb_ms = timed(many, len(qv))
+    _, hb10_qps, hb10_ms = timed(many(10), len(qv), bs)
+    _, hb2_qps, hb2_ms = timed(many(10), len(qv), bs, threads=2)
+    _, hb_qps, hb_ms = timed(many(sk), len(qv), bs)
     ne = min(args.exact_queries, len(qv))
 
     def flat(i):
@@ -222,21 +234,25 @@ def main() -> None:
         return r.limit(10).select(["id", "_distance"]).to_arrow()["id"].to_pylist()
 
     ex, ex_qps, ex_ms = timed(flat, ne)
-    print(f"rows {args.n:,}, {len(qv)} queries, one at a time; CPU ms/query counts all threads")
-    print(f"IVF_PQ vector search (PoolIndex.nearest, k=10): {ann_qps:.0f} q/s, {ann_ms:.1f} CPU ms/query, "
-          f"recall@10 {rec:.3f} vs exact")
-    print(f"hybrid search (PoolIndex.hybrid, k=10): {h10_qps:.0f} q/s, {h10_ms:.1f} CPU ms/query")
+    print(f"rows {args.n:,}, {len(qv)} queries; CPU ms/query counts all threads")
+    print(f"{cfg.vector_index} vector search (PoolIndex.nearest, k=10, single stream): {ann_qps:.0f} q/s, "
+          f"{ann_ms:.1f} CPU ms/query, recall@10 {rec:.3f} vs exact")
+    print(f"hybrid search (PoolIndex.hybrid, k=10, single stream): {h10_qps:.0f} q/s, {h10_ms:.1f} CPU ms/query")
     print(f"hybrid search, 2 queries in flight (PoolIndex.hybrid from 2 threads, k=10): {h2_qps:.0f} q/s, "
           f"{h2_ms:.1f} CPU ms/query")
-    print(f"hybrid search (PoolIndex.hybrid, k={sk} = attribution.search_k): {h50_qps:.0f} q/s, "
+    print(f"hybrid search (PoolIndex.hybrid, k={sk} = attribution.search_k, single stream): {h50_qps:.0f} q/s, "
           f"{h50_ms:.1f} CPU ms/query")
-    print(f"hybrid search batched (PoolIndex.hybrid_many, {bs} queries per call, k={sk}): {hb_qps:.0f} q/s, "
-          f"{hb_ms:.1f} CPU ms/query")
+    print(f"hybrid search batched (PoolIndex.hybrid_many, {bs} queries per call, k=10, single stream): "
+          f"{hb10_qps:.0f} q/s, {hb10_ms:.1f} CPU ms/query")
+    print(f"hybrid search batched, 2 calls in flight (PoolIndex.hybrid_many from 2 threads, {bs} queries per "
+          f"call, k=10): {hb2_qps:.0f} q/s, {hb2_ms:.1f} CPU ms/query")
+    print(f"hybrid search batched (PoolIndex.hybrid_many, {bs} queries per call, k={sk}, single stream): "
+          f"{hb_qps:.0f} q/s, {hb_ms:.1f} CPU ms/query")
     print(f"exact search (LanceDB flat scan, {ne} queries): {ex_qps:.2f} q/s, {ex_ms:.0f} CPU ms/query, "
           f"recall@10 {recall(ex, truth):.3f}")
     built = "not measured (--reuse)" if args.reuse else f"{t_build:.1f}s wall, {c_build:.1f}s CPU"
     print(f"index build: {built}; whole run {time.perf_counter() - t_all:.0f}s")
-    print(f"speed-up of IVF_PQ over exact search: {ann_qps / ex_qps:.1f}x")
+    print(f"speed-up of {cfg.vector_index} over exact search: {ann_qps / ex_qps:.1f}x")
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
     print(f"retrieval recall@10: {rec:.2f}")

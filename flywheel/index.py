@@ -6,8 +6,9 @@ caption text under LanceDB's native full-text index (BM25; needs no model). Sear
 nearest captions by cosine plus full-text matches, fused by reciprocal rank (LanceDB's RRF reranker).
 
 Vectors are searched exactly (a flat scan) until the table reaches ``index.ivf_min_rows``; from
-then on an IVF_PQ index (partitions sized from the row count, rebuilt when the table has doubled
-since the last build; rows added in between are searched flat by Lance until ``optimize``).
+then on a Lance vector index (``index.vector_index``: IVF_HNSW_SQ by default, or IVF_PQ; partitions
+sized from the row count, rebuilt when the table has doubled since the last build; rows added in
+between are searched flat by Lance until ``optimize``).
 
 Built and refreshed incrementally by one writer (the job that calls :func:`build_index`): rows whose
 text or decision is new or changed are embedded on Ray Data (an actor per CPU holding CLIP) and
@@ -34,6 +35,7 @@ from flywheel.store import delete_keys, open_table, read, sha1, storage_options,
 log = logging.getLogger(__name__)
 TABLE = "pool_index"
 VECTORS = ("text_vector", "image_vector")
+INDEX_TYPES = {"IVF_HNSW_SQ": "IvfHnswSq", "IVF_PQ": "IvfPq"}  # config name -> LanceDB's list_indices name
 ROW_COLUMNS = ("id", "pool", "pool_version", "kind", "base_id", "keep", "reject_reason", "text", "categories")
 
 
@@ -217,8 +219,8 @@ def build_index(cfg: FlywheelConfig, db, progress: bool = False) -> IndexSummary
 
 
 def _maintain_indices(tbl, cfg: IndexConfig, n: int, changed: bool) -> str:
-    """FTS always; IVF_PQ from ivf_min_rows on (rebuilt when rows doubled); otherwise exact search.
-    Nothing is written when nothing changed."""
+    """FTS always; the vector index from ivf_min_rows on (rebuilt when rows doubled); otherwise exact
+    search. Nothing is written when nothing changed."""
     have = {i.columns[0]: i for i in tbl.list_indices()}
     if "text" not in have:
         from lancedb.index import FTS
@@ -230,23 +232,30 @@ def _maintain_indices(tbl, cfg: IndexConfig, n: int, changed: bool) -> str:
         return "exact"
     for col in VECTORS:
         built = have.get(col)
-        if built is None or (built.num_indexed_rows or 0) * 2 <= n:
+        if built is None or (built.num_indexed_rows or 0) * 2 <= n or built.index_type != INDEX_TYPES[cfg.vector_index]:
             vector_index(tbl, col, cfg, n)
     p = index_params(n, tbl.schema.field(VECTORS[0]).type.list_size, cfg)
-    return f"IVF_PQ ({p['num_partitions']} partitions, {p['num_sub_vectors']} sub-vectors)"
+    detail = f"{p['num_sub_vectors']} sub-vectors" if "num_sub_vectors" in p else f"HNSW m {p['m']}"
+    return f"{cfg.vector_index} ({p['num_partitions']} partitions, {detail})"
 
 
 def index_params(n: int, dim: int, cfg: IndexConfig) -> dict[str, int]:
-    """IVF_PQ parameters from the row count: partitions = rows / rows_per_partition (the IVF training
-    sample and each probe's scan stay constant per partition), sub-vectors = dim / sub_vector_dim."""
+    """Vector-index parameters from the row count. IVF_PQ: partitions = rows / rows_per_partition (the
+    IVF training sample and each probe's scan stay constant per partition), sub-vectors = dim /
+    sub_vector_dim. IVF_HNSW_SQ: partitions = rows / hnsw_rows_per_partition (an HNSW graph per
+    partition), graph degree m and ef_construction from the config."""
+    if cfg.vector_index == "IVF_HNSW_SQ":
+        return {"num_partitions": max(1, n // cfg.hnsw_rows_per_partition), "m": cfg.hnsw_m,
+                "ef_construction": cfg.hnsw_ef_construction}
     return {"num_partitions": max(1, n // cfg.rows_per_partition), "num_sub_vectors": _sub_vectors(dim, cfg.sub_vector_dim)}
 
 
 def vector_index(tbl, col: str, cfg: IndexConfig, n: int) -> None:
-    """IVF_PQ (cosine) on `col`, sized from the row count (:func:`index_params`)."""
-    from lancedb.index import IvfPq
+    """The configured vector index (cosine) on `col`, sized from the row count (:func:`index_params`)."""
+    from lancedb.index import HnswSq, IvfPq
 
-    tbl.create_index(col, config=IvfPq(distance_type="cosine", **index_params(n, tbl.schema.field(col).type.list_size, cfg)),
+    kind = HnswSq if cfg.vector_index == "IVF_HNSW_SQ" else IvfPq
+    tbl.create_index(col, config=kind(distance_type="cosine", **index_params(n, tbl.schema.field(col).type.list_size, cfg)),
                      replace=True)
 
 
@@ -262,21 +271,30 @@ class PoolIndex:
 
     Queries go to the table's Lance dataset directly (`ds.to_table(nearest=... / full_text_query=...)`):
     the same index and refinement as LanceDB's query builder at about 60% of its CPU per query
-    (measured 10.3 vs 16.5 ms at 1M rows), and it takes a batch of query vectors in one call."""
+    (measured 10.3 vs 16.5 ms at 1M rows), and it takes a batch of query vectors in one call.
+    Thread-safe: a server answers concurrent queries from one instance (Lance runs them outside the
+    GIL)."""
 
     def __init__(self, db, cfg: IndexConfig):
         self.tbl, self.cfg = db.open_table(TABLE), cfg
         self.version = self.tbl.version
         self.ds = self.tbl.to_lance()  # pinned to `version`: every query of this reader sees one snapshot
-        self.indexed = {i.columns[0] for i in self.tbl.list_indices()}
+        self.indexed = {i.columns[0]: i.index_type for i in self.tbl.list_indices()}  # the built type wins
 
-    def _vectors(self, q: np.ndarray, k: int, column: str, where: str | None, columns: list[str]) -> pa.Table:
-        """Top-k by cosine for one vector (1-d) or a batch (2-d: adds `query_index`); `_distance` is
-        the exact cosine distance: IVF_PQ candidates are re-ranked from the stored vectors
-        (``refine_candidates`` of them, at least k), or the search is flat."""
+    def _vectors(self, q: np.ndarray, k: int, column: str, where: str | None, columns: list[str],
+                 exact: bool = True) -> pa.Table:
+        """Top-k by cosine for one vector (1-d) or a batch (2-d: adds `query_index`). With `exact`,
+        `_distance` is the exact cosine distance: index candidates are re-ranked from the stored
+        vectors (IVF_PQ: ``refine_candidates`` of them, at least k, which its recall needs;
+        IVF_HNSW_SQ: the k found), or the search is flat. Without it, an HNSW_SQ search returns its
+        8-bit-quantised distances (the ranking; the caller computes exact cosines itself)."""
         nearest = {"column": column, "q": np.asarray(q, np.float32), "k": k, "metric": "cosine"}
-        if column in self.indexed:
+        kind = self.indexed.get(column)
+        if kind == INDEX_TYPES["IVF_PQ"]:
             nearest |= {"nprobes": self.cfg.nprobes, "refine_factor": max(1, -(-self.cfg.refine_candidates // k))}
+        elif kind == INDEX_TYPES["IVF_HNSW_SQ"]:
+            nearest |= {"nprobes": self.cfg.hnsw_nprobes} | ({"ef": self.cfg.hnsw_ef} if self.cfg.hnsw_ef else {}) \
+                | ({"refine_factor": 1} if exact else {})
         return self.ds.to_table(columns=[*columns, "_distance"], nearest=nearest, filter=where,
                                 prefilter=bool(where), with_row_id=True)
 
@@ -293,40 +311,37 @@ class PoolIndex:
     def hybrid_many(self, texts: list[str], vectors: np.ndarray, k: int, where: str | None = None) -> list[pa.Table]:
         """:meth:`hybrid` for a batch of queries: the vector leg is one batched Lance query, the
         full-text legs run concurrently (Lance releases the GIL). Both legs return row ids and
-        scores only; the fused top-k rows are read once (one `take` for the whole batch), and the
-        stored vector only for rows the text leg alone found (the vector leg's distance is exact)."""
+        scores only (the vector leg unrefined: it only ranks); the fused top-k rows and their
+        stored vectors are read once (one `take` for the whole batch) and `similarity` is the
+        exact cosine computed from them."""
         from concurrent.futures import ThreadPoolExecutor
 
         vectors = np.asarray(vectors, np.float32).reshape(len(texts), -1)
         if len(texts) == 1:  # one query: a 1-d vector query, no thread pool to start
-            vec = _with_query_index(self._vectors(vectors[0], k, "text_vector", where, []), 0)
+            vec = _with_query_index(self._vectors(vectors[0], k, "text_vector", where, [], exact=False), 0)
             fts = [self._text(texts[0], k, where)]
         else:
-            vec = self._vectors(vectors, k, "text_vector", where, [])
+            vec = self._vectors(vectors, k, "text_vector", where, [], exact=False)
             with ThreadPoolExecutor(max(1, min(len(texts), self.cfg.query_threads))) as ex:
                 fts = list(ex.map(lambda t: self._text(t, k, where), texts))
-        qi, vrid, dist = (vec[c].to_numpy() for c in ("query_index", "_rowid", "_distance"))
-        fused = [_rrf(vrid[qi == j], 1.0 - dist[qi == j], f["_rowid"].to_numpy(), k) for j, f in enumerate(fts)]
+        qi, vrid = vec["query_index"].to_numpy(), vec["_rowid"].to_numpy()
+        fused = [_rrf(vrid[qi == j], f["_rowid"].to_numpy(), k) for j, f in enumerate(fts)]
         need = np.unique(np.concatenate([f[0] for f in fused] + [np.zeros(0, np.uint64)])).astype(np.uint64)
-        unseen = np.unique(np.concatenate([f[0][np.isnan(f[1])] for f in fused] + [np.zeros(0, np.uint64)]))
-        rows = self.ds._take_rows(need.tolist(), columns=[*ROW_COLUMNS]) if len(need) else None
-        tv = self.ds._take_rows(unseen.astype(np.uint64).tolist(), columns=["text_vector"]) if len(unseen) else None
-        tv = np.stack(tv["text_vector"].to_numpy(zero_copy_only=False)).astype(np.float32) if tv else None
+        rows = self.ds._take_rows(need.tolist(), columns=[*ROW_COLUMNS, "text_vector"]) if len(need) else None
+        tv = np.stack(rows["text_vector"].to_numpy(zero_copy_only=False)).astype(np.float32) if rows else None
+        tv = tv / np.maximum(np.linalg.norm(tv, axis=1, keepdims=True), 1e-12) if rows else None
         out = []
-        for j, (rid, sim, rel, matched) in enumerate(fused):
+        for j, (rid, rel, matched) in enumerate(fused):
             if len(rid) == 0:
                 out.append(pa.table({c: pa.array([], self.ds.schema.field(c).type) for c in ROW_COLUMNS})
                            .append_column("_relevance_score", pa.array([], pa.float32()))
                            .append_column("fts_match", pa.array([], pa.bool_()))
                            .append_column("similarity", pa.array([], pa.float32())))
                 continue
-            miss = np.isnan(sim)
-            if miss.any():  # found by the text leg only: exact cosine from the stored vector
-                v = tv[np.searchsorted(unseen, rid[miss])]
-                q = vectors[j] / (np.linalg.norm(vectors[j]) or 1.0)
-                sim[miss] = v @ q / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
-            r = rows.take(pa.array(np.searchsorted(need, rid)))
-            out.append(r.append_column("_relevance_score", pa.array(rel, pa.float32()))
+            at = np.searchsorted(need, rid)
+            sim = tv[at] @ (vectors[j] / (np.linalg.norm(vectors[j]) or 1.0))  # exact cosine, every hit
+            out.append(rows.select(list(ROW_COLUMNS)).take(pa.array(at))
+                       .append_column("_relevance_score", pa.array(rel, pa.float32()))
                        .append_column("fts_match", pa.array(matched))
                        .append_column("similarity", pa.array(sim.astype(np.float32))))
         return out
@@ -365,19 +380,14 @@ def _with_query_index(t: pa.Table, j: int) -> pa.Table:
     return t.add_column(0, "query_index", pa.array(np.full(t.num_rows, j, np.int32)))
 
 
-def _rrf(vec_ids: np.ndarray, vec_sim: np.ndarray, fts_ids: np.ndarray, k: int, K: int = 60) -> tuple:
+def _rrf(vec_ids: np.ndarray, fts_ids: np.ndarray, k: int, K: int = 60) -> tuple:
     """Reciprocal-rank fusion of one query's two legs (the formula of LanceDB's RRFReranker,
     score = sum of 1 / (K + rank)); a row in both legs once, ties broken by row id (deterministic).
-    Returns the top-k (row ids, cosine similarity from the vector leg or NaN, RRF score, found by the
-    text leg)."""
+    Returns the top-k (row ids, RRF score, found by the text leg)."""
     score: dict[int, float] = {}
-    sim: dict[int, float] = {}
-    for rank, (rid, s) in enumerate(zip(vec_ids.tolist(), vec_sim.tolist(), strict=True), 1):
-        score[rid] = score.get(rid, 0.0) + 1.0 / (K + rank)
-        sim[rid] = s
-    for rank, rid in enumerate(fts_ids.tolist(), 1):
-        score[rid] = score.get(rid, 0.0) + 1.0 / (K + rank)
+    for ids in (vec_ids, fts_ids):
+        for rank, rid in enumerate(ids.tolist(), 1):
+            score[rid] = score.get(rid, 0.0) + 1.0 / (K + rank)
     top = sorted(score, key=lambda r: (-score[r], r))[:k]
     fts = set(fts_ids.tolist())
-    return (np.array(top, np.uint64), np.array([sim.get(r, np.nan) for r in top], np.float64),
-            np.array([score[r] for r in top], np.float32), np.array([r in fts for r in top], bool))
+    return (np.array(top, np.uint64), np.array([score[r] for r in top], np.float32), np.array([r in fts for r in top], bool))
