@@ -85,7 +85,7 @@ def main() -> None:
     corpus = linked_subset(paths, work / f"corpus4-n{args.n}")
     print(f"corpus: {len(paths)} JPEGs, width and height 1024-1536 px, "
           f"{sum(os.path.getsize(p) for p in paths) / 1e6:.0f} MB, {cpus} cores")
-    costs = scorer_costs(paths[:8])
+    costs = scorer_costs(paths[:32])  # 32 x 3 passes: ~2 s
     print("CPU ms per image, one core: " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))
     chain = sum(v for k, v in costs.items() if k not in ("full decode (a)",))
     print(f"chain CPU per image {chain:.1f} ms vs full decode {costs['full decode (a)']:.1f} ms: "
