@@ -74,8 +74,8 @@ class IndexConfig:
     (flat scan beats an index on small tables and needs no training)."""
     vector_index: str = "IVF_HNSW_SQ"
     """Lance vector index type: IVF_HNSW_SQ (an HNSW graph per IVF partition over 8-bit scalar-quantised
-    vectors: recall 0.96 at 1M rows with no re-ranking, ~4x less CPU per query than IVF_PQ at the same
-    recall, see flywheel/README.md) or IVF_PQ (product quantisation, 96 bytes per 768-d vector against
+    vectors: no re-ranking needed for recall, less than half of IVF_PQ's CPU per query at the same
+    recall, a faster build; see flywheel/README.md) or IVF_PQ (product quantisation, 96 bytes per 768-d vector against
     768: the choice when the index must stay small; needs `refine_candidates`)."""
     rows_per_partition: int = 4096
     """IVF_PQ: partitions = rows / this (at least 1; 244 at 1M rows); rebuilt when the table doubles."""
