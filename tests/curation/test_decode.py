@@ -148,3 +148,17 @@ def test_grey_decode_is_the_rgb_decodes_luma(corpus, name):
     assert grey.grid.shape == rgb.grid.shape and np.abs(grey.grid.astype(np.int16) - rgb.grid).max() <= 2
     diff = np.abs(np.asarray(grey.image, np.int16) - np.asarray(rgb.image.convert("L"), np.int16))
     assert diff.mean() < 3, diff.mean()  # DCT-scaled draft vs full decode + reduce: resampling only
+
+
+def test_luma_pixels_equal_pillows_whether_exported_or_copied():
+    """luma_pixels reads an "L" image without a copy where Pillow exports it (one memory block),
+    and copies one whose rows span several blocks (over Pillow's block size); other modes: luma."""
+    from curation.decode import luma_pixels, to_grey
+
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (301, 451), np.uint8))
+    big = Image.fromarray(rng.integers(0, 256, (4100, 4100), np.uint8))  # 16.8 MB: several blocks
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 30, 3), np.uint8))
+    for im in (small, big, rgb, small.crop((3, 5, 200, 101))):
+        a = luma_pixels(im)
+        assert a.dtype == np.uint8 and np.array_equal(a, np.asarray(to_grey(im)))

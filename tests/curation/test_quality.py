@@ -59,6 +59,15 @@ def test_brisque_features_equal_the_packages(photos, name, monkeypatch):
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape, size", [((730, 675), (554, 512)), ((513, 1024), (1022, 512)), ((1200, 801), (600, 400))])
+def test_area_resize_equals_opencvs(shape, size):
+    """The compiled INTER_AREA (fractional and integer scales, 8-bit or float input) is OpenCV's."""
+    a = np.random.default_rng(1).integers(0, 256, shape, np.uint8)
+    ref = cv2.resize(a.astype(np.float32) / 255, size, interpolation=cv2.INTER_AREA)
+    np.testing.assert_allclose(quality.area_resize(a, *size, 1 / 255), ref, atol=1e-6)
+    np.testing.assert_allclose(quality.area_resize(a.astype(np.float32) / 255, *size), ref, atol=1e-6)
+
+
 def test_numpy_svr_equals_libsvm(photos, monkeypatch):
     try:
         import libsvm.svmutil  # noqa: F401
