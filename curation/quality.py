@@ -155,7 +155,7 @@ _KERNEL_1D = _gauss_kernel_1d()
 # and their products with the right, lower, lower-right and lower-left neighbour) in two compiled
 # passes over the image, where numpy needed ~25 (each temporary of a 512 px image is a pass over
 # 1 MB: they were most of the cost). numba caches the machine code next to this file.
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")  # numpy's: a float division that cannot raise vectorises
 def _mscn_mask(g, mu, e2, activity, c):
     """MSCN coefficients (float32, exactly numpy's float32 arithmetic) and the pixels the fits use
     (activity <= 0: all; else local std > activity, 3-pixel frame out), zero elsewhere."""
