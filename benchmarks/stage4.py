@@ -4,9 +4,9 @@
 
 n = 10,000 (1.7 GB of JPEGs) measures the steady state a long run sees, as stage1.py's 20,000 does:
 a job's fixed costs (Ray Data's stats and autoscaler actors, worker imports, the decision pass:
-~10 s on 2 idle cores) are a third of the time at n = 2,000 (ratio 0.32 there on the quiet machine;
-0.43 and 0.35 in two quiet runs at 10,000, the baseline moving 236-279 img/s), and they do not grow
-with the corpus.
+~10 s on 2 idle cores) are a third of the time at n = 2,000 and they do not grow with the corpus.
+(Quiet machine, before the compiled BRISQUE passes and the allocator fix of curation/QUALITY.md:
+0.32 at n = 2,000, 0.43 and 0.35 in two runs at 10,000, the baseline moving 236-279 img/s.)
 
 (a) baseline: ``Image.open(f).convert("RGB")`` (a full decode) of every file with a multiprocessing
     pool, one process per core;
