@@ -476,6 +476,22 @@ def pack(parts: list[Part], rows_per_unit: int) -> list[list[tuple[str, int, int
     return out
 
 
+def unit_items(parts: str, read, done: pa.Array | None, size: int):
+    """The not-yet-committed items of one work unit (``parts``: JSON list of (unit, start, stop),
+    :func:`pack`), in batches of exactly ``size`` but the last. ``read(unit, size, (start, stop))``
+    yields a unit's rows (the image stages' and stage 2's readers)."""
+    pending = None
+    for unit, a, b in json.loads(parts):
+        for items in read(unit, size, (a, b)):
+            items = drop_done(items, done)
+            pending = items if pending is None else pa.concat_tables([pending, items])
+            while pending.num_rows >= size:
+                yield pending.slice(0, size)
+                pending = pending.slice(size)
+    if pending is not None and pending.num_rows:
+        yield pending
+
+
 def drop_done(rows: pa.Table, done: pa.Array | None) -> pa.Table:
     """Rows whose id is not yet committed to the output (resume)."""
     if done is None or len(done) == 0 or rows.num_rows == 0:

@@ -20,7 +20,7 @@ import pyarrow as pa
 from .config import StageConfig
 from .decode import decode, encode_jpeg
 from .filters import FILTERS, MODELS, ROTATION_DETECTORS, Batch
-from .readers import drop_done, read_bytes, read_json_caption
+from .readers import read_bytes, read_json_caption, unit_items
 from .schema import EMBEDDING, scoring_schema
 
 # Columns of a previous stage's row that describe the file itself, copied as they are.
@@ -206,18 +206,8 @@ class StageScorer:
                                               storage_options=self.storage_options)
 
     def units(self, parts: str) -> Iterator[pa.Table]:
-        """The not-yet-committed items of one work unit (``parts``: JSON list of (unit, start, stop),
-        ``curation.readers.pack``), in batches of exactly ``batch_size`` but the last."""
-        size, pending = self.cfg.batch_size, None
-        for unit, a, b in json.loads(parts):
-            for items in self.read(unit, size, (a, b)):
-                items = drop_done(items, self.done)
-                pending = items if pending is None else pa.concat_tables([pending, items])
-                while pending.num_rows >= size:
-                    yield pending.slice(0, size)
-                    pending = pending.slice(size)
-        if pending is not None and pending.num_rows:
-            yield pending
+        """The not-yet-committed items of one work unit (``readers.unit_items``)."""
+        return unit_items(parts, self.read, self.done, self.cfg.batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Score and write a batch of items (a folder listing: paths, read here) or of work units

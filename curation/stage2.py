@@ -26,12 +26,11 @@ from . import pairs
 from .config import NsfwRule, ResolutionRule, Scoring, StageConfig
 from .decode import decode
 from .filters import FILTERS, MODELS
-from .pair_readers import PairColumns, PairSource, expand_unit, read_pair_images, resolve_pairs, work_units
-from .readers import drop_done
+from .pair_readers import PairColumns, PairSource, expand_unit, read_pair_images, resolve_pairs
+from .readers import unit_items, work_units
 from .stage2_filters import SIDES, PairBatch
 from .stage2_schema import PAIR_SCORING_SCHEMA
 
-MAX_BLOCKS = 4096  # work-unit blocks of one run (more units: several per task)
 PAIR_CHAIN = ("broken", "source_resolution", "target_resolution", "source_nsfw", "target_nsfw", "instruction",
               "noop", "unrelated", "direction", "judge", "pair_dedup")
 
@@ -165,7 +164,7 @@ def pair_models(cfg: PairStageConfig, active: tuple[str, ...]) -> tuple[str, ...
 
 # --------------------------------------------------------------------------- the worker
 class PairScorer:
-    """Ray Data callable over work units (``pair_readers.work_units``): read each unit's pairs not yet
+    """Ray Data callable over work units (``readers.work_units``, packed by ``run.unit_dataset``): read each unit's pairs not yet
     committed, decode both images of each pair once, run the active pair filters, write one Lance
     fragment per ``batch_size`` pairs, return the fragments' metadata (the engine's
     ``commit_fragments`` commits). Reading in the scoring task keeps the image bytes out of Ray's
@@ -241,12 +240,9 @@ class PairScorer:
                                               storage_options=self.storage_options)
 
     def __call__(self, units: dict) -> pa.Table:
-        frags = []
-        for unit, a, b in zip(units["unit"], units["start"], units["stop"], strict=True):
-            for items in expand_unit(self.source, str(unit), self.cfg.batch_size, (int(a), int(b))):
-                items = drop_done(items, self.done)
-                if items.num_rows:
-                    frags += self.write(items)
+        read = lambda unit, size, part: expand_unit(self.source, str(unit), size, part)  # noqa: E731
+        frags = [f for parts in units["parts"] for items in unit_items(str(parts), read, self.done, self.cfg.batch_size)
+                 for f in self.write(items)]
         return pa.table({"fragment": pa.array([json.dumps(f.to_json()) for f in frags], pa.string()),
                          "rows": pa.array([f.num_rows for f in frags], pa.int64())})
 
@@ -302,12 +298,11 @@ def run_pair_stage(pairs_spec: str, output: str, cfg: PairStageConfig, skipped: 
         ray.init(num_cpus=num_cpus, log_to_driver=progress, include_dashboard=False, ignore_reinit_error=True)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars, ctx.verbose_progress = progress, False
-    # One task per work unit (about batch_size pairs: a Parquet row group, a Lance row range, a
-    # JSON-lines file or tar shard) reads, scores and writes it; blocks are capped so a huge input
-    # does not become a huge plan (then a task takes several units in turn).
-    work = work_units(source, cfg.batch_size)
-    units = ray.data.from_items([{"unit": u, "start": a, "stop": b} for u, a, b in work],
-                                override_num_blocks=max(1, min(len(work), MAX_BLOCKS)))
+    # One task per work unit (about batch_size pairs: Parquet row groups, a Lance row range, a
+    # JSON-lines file, tar member ranges) reads, scores and writes it (the image stages' runner).
+    from .run import unit_dataset
+
+    units, _ = unit_dataset(work_units(source, cfg.batch_size), cfg.batch_size)
     kwargs = {"cfg": cfg, "skipped": skipped, "active": active, "output_uri": output, "score_hash": score_hash,
               "storage_options": storage_options, "source": source,
               "done_ref": ray.put(done) if done is not None and len(done) else None}
