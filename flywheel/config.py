@@ -74,9 +74,9 @@ class IndexConfig:
     (flat scan beats an index on small tables and needs no training)."""
     vector_index: str = "IVF_HNSW_SQ"
     """Lance vector index type: IVF_HNSW_SQ (an HNSW graph per IVF partition over 8-bit scalar-quantised
-    vectors: no re-ranking needed for recall, less than half of IVF_PQ's CPU per query at the same
-    recall, a faster build; see flywheel/README.md) or IVF_PQ (product quantisation, 96 bytes per 768-d vector against
-    768: the choice when the index must stay small; needs `refine_candidates`)."""
+    vectors: visits a few hundred vectors per partition instead of scanning all; measured in
+    flywheel/README.md) or IVF_PQ (product quantisation: 96 bytes per 768-d vector against 768 + the
+    graph; the choice when the index must stay small)."""
     rows_per_partition: int = 4096
     """IVF_PQ: partitions = rows / this (at least 1; 244 at 1M rows); rebuilt when the table doubles."""
     sub_vector_dim: int = 8
@@ -85,14 +85,15 @@ class IndexConfig:
     nprobes: int = 32
     """IVF_PQ: partitions probed per query (all of them below 32 x rows_per_partition rows)."""
     refine_candidates: int = 50
-    """IVF_PQ: candidates re-ranked with exact distances from the stored float32 vectors (at least k:
-    refine_factor = ceil(this / k)): what lifts PQ recall above 0.95 (0.96 at 1M rows from 50 on;
-    10 x k cost 40% more CPU per k=50 query for no recall gain) and makes `_distance` exact."""
+    """Index candidates re-ranked with exact distances from the stored float32 vectors (at least k:
+    refine_factor = ceil(this / k); both index types): quantised distances mis-order near ties, so
+    this is what lifts recall above 0.95 at 1M rows (IVF_PQ 0.96 from 50 on; 10 x k cost 40% more
+    CPU per k=50 query for no recall gain); it also makes `_distance` exact."""
     hnsw_rows_per_partition: int = 16_384
     """IVF_HNSW_SQ: partitions = rows / this (at least 1; 61 at 1M rows). An HNSW search costs ~log of
     its partition's size, so partitions can be far larger than IVF_PQ's; the bound keeps one
     partition's graph build in memory and spreads the build over cores."""
-    hnsw_nprobes: int = 12
+    hnsw_nprobes: int = 24
     """IVF_HNSW_SQ: partitions searched per query (each by its HNSW graph)."""
     hnsw_ef: int = 0
     """IVF_HNSW_SQ: HNSW candidate-list size per searched partition; 0 = Lance's default for k

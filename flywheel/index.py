@@ -281,20 +281,19 @@ class PoolIndex:
         self.ds = self.tbl.to_lance()  # pinned to `version`: every query of this reader sees one snapshot
         self.indexed = {i.columns[0]: i.index_type for i in self.tbl.list_indices()}  # the built type wins
 
-    def _vectors(self, q: np.ndarray, k: int, column: str, where: str | None, columns: list[str],
-                 exact: bool = True) -> pa.Table:
-        """Top-k by cosine for one vector (1-d) or a batch (2-d: adds `query_index`). With `exact`,
-        `_distance` is the exact cosine distance: index candidates are re-ranked from the stored
-        vectors (IVF_PQ: ``refine_candidates`` of them, at least k, which its recall needs;
-        IVF_HNSW_SQ: the k found), or the search is flat. Without it, an HNSW_SQ search returns its
-        8-bit-quantised distances (the ranking; the caller computes exact cosines itself)."""
+    def _vectors(self, q: np.ndarray, k: int, column: str, where: str | None, columns: list[str]) -> pa.Table:
+        """Top-k by cosine for one vector (1-d) or a batch (2-d: adds `query_index`); `_distance` is
+        the exact cosine distance: index candidates are re-ranked from the stored vectors
+        (``refine_candidates`` of them, at least k: quantised distances mis-order near ties, which
+        costs recall at 1M rows with either index type), or the search is flat."""
         nearest = {"column": column, "q": np.asarray(q, np.float32), "k": k, "metric": "cosine"}
         kind = self.indexed.get(column)
+        if kind in INDEX_TYPES.values():
+            nearest |= {"refine_factor": max(1, -(-self.cfg.refine_candidates // k))}
         if kind == INDEX_TYPES["IVF_PQ"]:
-            nearest |= {"nprobes": self.cfg.nprobes, "refine_factor": max(1, -(-self.cfg.refine_candidates // k))}
+            nearest |= {"nprobes": self.cfg.nprobes}
         elif kind == INDEX_TYPES["IVF_HNSW_SQ"]:
-            nearest |= {"nprobes": self.cfg.hnsw_nprobes} | ({"ef": self.cfg.hnsw_ef} if self.cfg.hnsw_ef else {}) \
-                | ({"refine_factor": 1} if exact else {})
+            nearest |= {"nprobes": self.cfg.hnsw_nprobes} | ({"ef": self.cfg.hnsw_ef} if self.cfg.hnsw_ef else {})
         return self.ds.to_table(columns=[*columns, "_distance"], nearest=nearest, filter=where,
                                 prefilter=bool(where), with_row_id=True)
 
@@ -311,17 +310,17 @@ class PoolIndex:
     def hybrid_many(self, texts: list[str], vectors: np.ndarray, k: int, where: str | None = None) -> list[pa.Table]:
         """:meth:`hybrid` for a batch of queries: the vector leg is one batched Lance query, the
         full-text legs run concurrently (Lance releases the GIL). Both legs return row ids and
-        scores only (the vector leg unrefined: it only ranks); the fused top-k rows and their
+        scores only; the fused top-k rows and their
         stored vectors are read once (one `take` for the whole batch) and `similarity` is the
         exact cosine computed from them."""
         from concurrent.futures import ThreadPoolExecutor
 
         vectors = np.asarray(vectors, np.float32).reshape(len(texts), -1)
         if len(texts) == 1:  # one query: a 1-d vector query, no thread pool to start
-            vec = _with_query_index(self._vectors(vectors[0], k, "text_vector", where, [], exact=False), 0)
+            vec = _with_query_index(self._vectors(vectors[0], k, "text_vector", where, []), 0)
             fts = [self._text(texts[0], k, where)]
         else:
-            vec = self._vectors(vectors, k, "text_vector", where, [], exact=False)
+            vec = self._vectors(vectors, k, "text_vector", where, [])
             with ThreadPoolExecutor(max(1, min(len(texts), self.cfg.query_threads))) as ex:
                 fts = list(ex.map(lambda t: self._text(t, k, where), texts))
         qi, vrid = vec["query_index"].to_numpy(), vec["_rowid"].to_numpy()
