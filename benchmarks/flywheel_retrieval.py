@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("LANCEDB_LOG", "error")  # hybrid queries warn per query about _score/_distance projection
 
 from flywheel.config import AttributionConfig, IndexConfig  # noqa: E402
-from flywheel.index import TABLE, PoolIndex, _maintain_indices, index_params  # noqa: E402
+from flywheel.index import INDEX_TYPES, TABLE, PoolIndex, _maintain_indices, index_params  # noqa: E402
 from flywheel.schema import pool_index_schema  # noqa: E402
 from flywheel.store import open_table  # noqa: E402
 
@@ -200,9 +200,10 @@ def main() -> None:
         t_build, c_build = time.perf_counter() - t0, cpu() - c0
         print(f"index build (FTS + {cfg.vector_index} on 2 vector columns): {t_build:.1f}s wall, {c_build:.1f}s CPU; "
               f"{p}", flush=True)
-    print(f"search: {cfg.vector_index}, " + (f"nprobes {cfg.hnsw_nprobes}, ef {cfg.hnsw_ef or 'default'}"
-          if cfg.vector_index == "IVF_HNSW_SQ" else f"nprobes {cfg.nprobes}, refine_candidates {cfg.refine_candidates}")
-          + f", query_threads {cfg.query_threads}", flush=True)
+    kind = {v: k for k, v in INDEX_TYPES.items()}.get(PoolIndex(db, cfg).indexed.get("text_vector"), "exact")
+    print(f"search: {kind} (the built index), " + (f"nprobes {cfg.hnsw_nprobes}, ef {cfg.hnsw_ef or 'default'}"
+          if kind == "IVF_HNSW_SQ" else f"nprobes {cfg.nprobes}") + f", refine_candidates {cfg.refine_candidates}, "
+          f"query_threads {cfg.query_threads}", flush=True)
 
     rng = np.random.default_rng(2)
     qi = rng.integers(0, args.n, args.queries)
@@ -235,7 +236,7 @@ def main() -> None:
 
     ex, ex_qps, ex_ms = timed(flat, ne)
     print(f"rows {args.n:,}, {len(qv)} queries; CPU ms/query counts all threads")
-    print(f"{cfg.vector_index} vector search (PoolIndex.nearest, k=10, single stream): {ann_qps:.0f} q/s, "
+    print(f"{kind} vector search (PoolIndex.nearest, k=10, single stream): {ann_qps:.0f} q/s, "
           f"{ann_ms:.1f} CPU ms/query, recall@10 {rec:.3f} vs exact")
     print(f"hybrid search (PoolIndex.hybrid, k=10, single stream): {h10_qps:.0f} q/s, {h10_ms:.1f} CPU ms/query")
     print(f"hybrid search, 2 queries in flight (PoolIndex.hybrid from 2 threads, k=10): {h2_qps:.0f} q/s, "
@@ -252,7 +253,7 @@ def main() -> None:
           f"recall@10 {recall(ex, truth):.3f}")
     built = "not measured (--reuse)" if args.reuse else f"{t_build:.1f}s wall, {c_build:.1f}s CPU"
     print(f"index build: {built}; whole run {time.perf_counter() - t_all:.0f}s")
-    print(f"speed-up of {cfg.vector_index} over exact search: {ann_qps / ex_qps:.1f}x")
+    print(f"speed-up of {kind} over exact search: {ann_qps / ex_qps:.1f}x")
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
     print(f"retrieval recall@10: {rec:.2f}")
