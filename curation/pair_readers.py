@@ -290,15 +290,9 @@ def expand_tar(shard: str, batch_rows: int = 256, part: tuple[int, int] | None =
         yield _rows(buf)
 
 
-def work_units(source: PairSource, rows_per_unit: int) -> list[tuple[str, int, int]]:
-    """What one scoring task reads: (unit, start, stop) of :func:`curation.readers.work_units`
-    (Parquet row groups, Lance row ranges, tar member ranges; JSON-lines files whole: -1, -1)."""
-    return [(u, a, b) for u, a, b, _ in readers.work_units(source, rows_per_unit)]
-
-
 def expand_unit(source: PairSource, unit: str, batch_rows: int = 256,
                 part: tuple[int, int] | None = None) -> Iterator[pa.Table]:
-    """Rows of one unit (a file, shard or fragment; ``part``: the [start, stop) of :func:`work_units`)."""
+    """Rows of one unit (a file, shard or fragment; ``part``: the [start, stop) of :func:`curation.readers.work_units`)."""
     part = part if part and part[0] >= 0 else None
     if source.kind == "parquet":
         return expand_parquet(unit, source.columns, batch_rows, part)

@@ -218,11 +218,16 @@ class StageScorer:
                      for f in self.write(items)]
         else:
             frags = self.write(batch)
-        # Only metadata travels back; the driver commits these fragments every --commit-every rows.
-        return pa.table({
-            "fragment": pa.array([json.dumps(f.to_json()) for f in frags], pa.string()),
-            "rows": pa.array([f.num_rows for f in frags], pa.int64()),
-        })
+        return written(frags)
+
+
+def written(frags: list) -> pa.Table:
+    """What a scoring call returns for the Lance fragments it wrote: only metadata travels back; the
+    driver (``run.commit_fragments``) commits them every --commit-every rows."""
+    return pa.table({
+        "fragment": pa.array([json.dumps(f.to_json()) for f in frags], pa.string()),
+        "rows": pa.array([f.num_rows for f in frags], pa.int64()),
+    })
 
 
 # Per-process cache for the task path: a Ray worker process that runs several scoring tasks builds

@@ -28,6 +28,7 @@ from .decode import decode
 from .filters import FILTERS, MODELS
 from .pair_readers import PairColumns, PairSource, expand_unit, read_pair_images, resolve_pairs
 from .readers import unit_items, work_units
+from .stage import written
 from .stage2_filters import SIDES, PairBatch
 from .stage2_schema import PAIR_SCORING_SCHEMA
 
@@ -164,8 +165,8 @@ def pair_models(cfg: PairStageConfig, active: tuple[str, ...]) -> tuple[str, ...
 
 # --------------------------------------------------------------------------- the worker
 class PairScorer:
-    """Ray Data callable over work units (``readers.work_units``, packed by ``run.unit_dataset``): read each unit's pairs not yet
-    committed, decode both images of each pair once, run the active pair filters, write one Lance
+    """Ray Data callable over work units (``readers.work_units``, packed by ``run.unit_dataset``):
+    read each unit's pairs not yet committed, decode both images of each pair once, run the active pair filters, write one Lance
     fragment per ``batch_size`` pairs, return the fragments' metadata (the engine's
     ``commit_fragments`` commits). Reading in the scoring task keeps the image bytes out of Ray's
     object store (one copy fewer per image) and spreads one big file over every core."""
@@ -243,8 +244,7 @@ class PairScorer:
         read = lambda unit, size, part: expand_unit(self.source, str(unit), size, part)  # noqa: E731
         frags = [f for parts in units["parts"] for items in unit_items(str(parts), read, self.done, self.cfg.batch_size)
                  for f in self.write(items)]
-        return pa.table({"fragment": pa.array([json.dumps(f.to_json()) for f in frags], pa.string()),
-                         "rows": pa.array([f.num_rows for f in frags], pa.int64())})
+        return written(frags)
 
 
 _TASK: dict[tuple, PairScorer] = {}

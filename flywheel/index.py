@@ -6,7 +6,7 @@ caption text under LanceDB's native full-text index (BM25; needs no model). Sear
 nearest captions by cosine plus full-text matches, fused by reciprocal rank (LanceDB's RRF reranker).
 
 Vectors are searched exactly (a flat scan) until the table reaches ``index.ivf_min_rows``; from
-then on a Lance vector index (``index.vector_index``: IVF_HNSW_SQ by default, or IVF_PQ; partitions
+then on a Lance vector index (``index.vector_index``: IVF_PQ by default, or IVF_HNSW_SQ; partitions
 sized from the row count, rebuilt when the table has doubled since the last build; rows added in
 between are searched flat by Lance until ``optimize``).
 
@@ -310,9 +310,8 @@ class PoolIndex:
     def hybrid_many(self, texts: list[str], vectors: np.ndarray, k: int, where: str | None = None) -> list[pa.Table]:
         """:meth:`hybrid` for a batch of queries: the vector leg is one batched Lance query, the
         full-text legs run concurrently (Lance releases the GIL). Both legs return row ids and
-        scores only; the fused top-k rows and their
-        stored vectors are read once (one `take` for the whole batch) and `similarity` is the
-        exact cosine computed from them."""
+        scores only; the fused top-k rows and their stored vectors are read once (one `take` for
+        the whole batch) and `similarity` is the exact cosine computed from them."""
         from concurrent.futures import ThreadPoolExecutor
 
         vectors = np.asarray(vectors, np.float32).reshape(len(texts), -1)
@@ -326,9 +325,11 @@ class PoolIndex:
         qi, vrid = vec["query_index"].to_numpy(), vec["_rowid"].to_numpy()
         fused = [_rrf(vrid[qi == j], f["_rowid"].to_numpy(), k) for j, f in enumerate(fts)]
         need = np.unique(np.concatenate([f[0] for f in fused] + [np.zeros(0, np.uint64)])).astype(np.uint64)
-        rows = self.ds._take_rows(need.tolist(), columns=[*ROW_COLUMNS, "text_vector"]) if len(need) else None
-        tv = np.stack(rows["text_vector"].to_numpy(zero_copy_only=False)).astype(np.float32) if rows else None
-        tv = tv / np.maximum(np.linalg.norm(tv, axis=1, keepdims=True), 1e-12) if rows else None
+        rows, tv = None, None
+        if len(need):
+            rows = self.ds._take_rows(need.tolist(), columns=[*ROW_COLUMNS, "text_vector"])
+            tv = np.stack(rows["text_vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
+            tv /= np.maximum(np.linalg.norm(tv, axis=1, keepdims=True), 1e-12)
         out = []
         for j, (rid, rel, matched) in enumerate(fused):
             if len(rid) == 0:

@@ -16,6 +16,7 @@ import pytest
 from common.typed_config import ConfigError
 from curation import pair_readers as pr
 from curation import pairs
+from curation.readers import work_units
 from curation.samples import jpeg, png, real_photos
 
 
@@ -169,8 +170,8 @@ def test_work_units_split_big_files_and_keep_ids(tmp_path, pair_images):
     lance.write_dataset(t, str(tmp_path / "p.lance"), max_rows_per_file=4)  # fragments of 4 + 2 rows
     for spec in ("p.parquet", "p.lance"):
         src = pr.resolve_pairs(str(tmp_path / spec))
-        units = pr.work_units(src, 2)
-        split = [r for u, a, b in units for tb in pr.expand_unit(src, u, 8, (a, b)) for r in tb.to_pylist()]
+        units = work_units(src, 2)
+        split = [r for u, a, b, _ in units for tb in pr.expand_unit(src, u, 8, (a, b)) for r in tb.to_pylist()]
         whole = [r for u in src.units for tb in pr.expand_unit(src, u, 8) for r in tb.to_pylist()]
         assert len(units) == 3 and split == whole and len({r["id"] for r in whole}) == 6, spec
 
